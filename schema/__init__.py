@@ -1,0 +1,1 @@
+"""Alembic migrations of increment-service (installed as ``increment_service.schema``)."""

@@ -1,0 +1,77 @@
+"""The application factory: one app per replica process, its resources in cleanup contexts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from . import keys, openapi, views
+from .db import pg_ctx
+from .errors import problem_middleware
+from .metrics import Metrics, loop_lag_ctx, metrics_handler, observe_middleware
+from .redis_client import redis_ctx
+from .sessions import require_session
+from .settings import Settings
+from .validation import MAX_BODY_BYTES
+from .writebehind import WriteBehind
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def write_behind_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Registered after Postgres and Redis, so its final flush runs while both are open."""
+    settings = app[keys.SETTINGS]
+    write_behind = WriteBehind(
+        app[keys.PG_POOL],
+        app[keys.METRICS],
+        replica_id=settings.replica_id,
+        flush_interval=settings.flush_interval_seconds,
+        max_pending_keys=settings.max_pending_keys,
+    )
+    app[keys.WRITE_BEHIND] = write_behind
+    write_behind.start()
+    yield
+    # Requests have drained by now (aiohttp waits for them before cleanup); what is left of
+    # the shutdown budget goes to the final flush.
+    await write_behind.close(timeout=final_flush_seconds(settings))
+
+
+def request_drain_seconds(settings: Settings) -> float:
+    return settings.shutdown_timeout_seconds * 0.25
+
+
+def final_flush_seconds(settings: Settings) -> float:
+    return settings.shutdown_timeout_seconds * 0.7
+
+
+def guarded(handler: Handler) -> Handler:
+    async def guarded_handler(request: web.Request) -> web.StreamResponse:
+        await require_session(request)
+        return await handler(request)
+
+    return guarded_handler
+
+
+def create_app(settings: Settings) -> web.Application:
+    if settings.database_url is None or settings.redis_url is None:
+        raise ValueError("create_app needs database_url and redis_url (embedded.py fills them)")
+    metrics = Metrics()
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[observe_middleware(metrics, settings.access_log), problem_middleware],
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics
+    app.cleanup_ctx.extend([pg_ctx, redis_ctx, write_behind_ctx, loop_lag_ctx])
+
+    open_increment = views.increment if settings.increment_auth == "none" else guarded(views.increment)
+    app.router.add_post("/increment", open_increment)
+    app.router.add_post("/api/increment", guarded(views.increment))
+    app.router.add_get("/api/counters/{key:.+}", guarded(views.get_counter))
+    app.router.add_get("/api/health", views.health)
+    app.router.add_get("/health", views.health)
+    app.router.add_get("/livez", views.livez)
+    app.router.add_get("/api/openapi.json", openapi.handler)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

@@ -1,0 +1,151 @@
+"""The `increment-service` command: serve (default) or migrate."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from . import embedded
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("increment_service")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="increment-service",
+        description="Counters over HTTP, written behind to Postgres. Settings come from the "
+        "environment (see the README); the options below override them.",
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the service (the default)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (WORKERS)")
+    serve.add_argument("--host", help="address to listen on (HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (PORT)")
+    sub.add_parser("migrate", help="apply the schema to DATABASE_URL and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        overrides = {
+            name: getattr(args, name)
+            for name in ("workers", "host", "port")
+            if getattr(args, name, None) is not None
+        }
+        settings = dataclasses.replace(settings, **overrides)
+    except SettingsError as exc:
+        print(f"increment-service: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    from .logs import setup_logging
+
+    setup_logging(settings)
+    with embedded.servers(settings) as settings:
+        assert settings.database_url is not None
+        if args.command == "migrate":
+            from .db import migrate_with_retry
+
+            migrate_with_retry(settings.database_url)
+            log.info("schema is up to date", extra={"event": "migrate"})
+            return 0
+        if settings.auto_migrate:
+            from .db import migrate_with_retry
+
+            migrate_with_retry(settings.database_url)
+        if settings.workers == 1:
+            run_worker(settings)
+            return 0
+        return supervise(settings)
+
+
+def run_worker(settings: Settings) -> None:
+    """Serve one replica in this process until SIGTERM/SIGINT, then shut down gracefully."""
+    import uvloop
+    from aiohttp import web
+
+    from .app import create_app, request_drain_seconds
+    from .logs import setup_logging
+
+    setup_logging(settings)  # again: a spawned worker starts with a fresh interpreter
+    log.info(
+        "worker listening",
+        extra={"event": "start", "host": settings.host, "port": settings.port, "pid": os.getpid()},
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        reuse_port=settings.workers > 1,
+        shutdown_timeout=request_drain_seconds(settings),
+        access_log=None,  # the observe middleware logs each request as JSON
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
+
+
+def _prepare_multiprocess_dir() -> Path:
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="increment-metrics-"))
+    # Files left by an earlier run would add its counts to this one's.
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
+
+
+def supervise(settings: Settings) -> int:
+    """Run WORKERS processes on one port. If one dies, stop the rest and exit non-zero, so
+    the orchestrator restarts the replica set instead of running it short-handed."""
+    directory = _prepare_multiprocess_dir()
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=run_worker, args=(settings,), name=f"worker-{n}")
+        for n in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while any(w.is_alive() for w in workers):
+        time.sleep(0.2)
+        if not stopping and any(not w.is_alive() for w in workers):
+            log.error("a worker exited; stopping the others", extra={"event": "worker-exit"})
+            status = 1
+            stop(signal.SIGTERM, None)
+        if stopping:
+            break
+    deadline = time.monotonic() + settings.shutdown_timeout_seconds + 5
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            log.error("worker did not stop in time; killing it", extra={"pid": worker.pid})
+            worker.kill()
+            worker.join()
+        if worker.exitcode not in (0, -signal.SIGTERM):
+            status = 1
+    shutil.rmtree(directory, ignore_errors=True)
+    return status

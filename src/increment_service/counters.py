@@ -1,0 +1,23 @@
+"""Reading persisted counters. Storage functions take a connection, not the app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+
+
+def dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+async def get(conn: asyncpg.Connection, key: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow("SELECT key, value, updated_at FROM counters WHERE key = $1", key)
+    if row is None:
+        return None
+    return {
+        "key": row["key"],
+        "value": row["value"],
+        "updatedAt": row["updated_at"].isoformat(),
+    }

@@ -1,0 +1,75 @@
+"""Postgres: the connection pool of an app, and the migrations applied at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+
+from . import keys
+
+log = logging.getLogger(__name__)
+
+#: pg_advisory_lock key held while migrating: replicas starting together migrate one by one.
+MIGRATION_LOCK_KEY = 0x1AC2E3E47
+
+
+def schema_dir() -> Path:
+    """The Alembic scripts: `schema/` in the repository, installed as increment_service.schema."""
+    from . import schema
+
+    return Path(schema.__file__).parent
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    scheme, _, rest = database_url.partition("://")
+    return f"postgresql+asyncpg://{rest}"
+
+
+def migrate(database_url: str) -> None:
+    """Upgrade the schema to the newest revision (blocking: run it before the event loop)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(schema_dir()))
+    config.attributes["database_url"] = sqlalchemy_url(database_url)
+    config.attributes["lock_key"] = MIGRATION_LOCK_KEY
+    command.upgrade(config, "head")
+
+
+def migrate_with_retry(database_url: str, timeout: float = 60.0) -> None:
+    """Postgres may still be starting next to us (compose, k8s): retry for a while."""
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        try:
+            migrate(database_url)
+        except (OSError, asyncpg.CannotConnectNowError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("postgres not reachable yet, retrying migrations", extra={"error": str(exc)})
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        else:
+            return
+
+
+async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    assert settings.database_url is not None  # create_app refuses settings without one
+    # min_size=0: a replica starts (and buffers increments) even while Postgres is down.
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=0, max_size=4, command_timeout=10
+    )
+    app[keys.PG_POOL] = pool
+    yield
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except TimeoutError:
+        pool.terminate()

@@ -1,0 +1,21 @@
+"""Typed application keys: every shared resource of an app, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import asyncpg
+import redis.asyncio
+from aiohttp import web
+
+from .metrics import Metrics
+from .settings import Settings
+
+if TYPE_CHECKING:  # imported for annotations only: writebehind imports metrics, not keys
+    from .writebehind import WriteBehind
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
+REDIS = web.AppKey("redis", redis.asyncio.Redis)
+WRITE_BEHIND: web.AppKey[WriteBehind] = web.AppKey("write_behind")

@@ -1,0 +1,161 @@
+"""The OpenAPI 3.1 document of the HTTP API (a test keeps it equal to the routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .validation import MAX_KEY_CHARS, MAX_SAFE_INTEGER
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+
+
+def _problems(*codes: int) -> dict[str, Any]:
+    return {str(code): _PROBLEM for code in codes}
+
+
+def _json(schema_ref: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}
+
+
+_INCREMENT = {
+    "summary": "Add value to the counter of key",
+    "requestBody": {"required": True, "content": _json("Increment")},
+    "responses": {
+        "202": {"description": "Accepted; persisted within 10 s"},
+        **_problems(400, 401, 405, 413, 415, 422, 503),
+    },
+}
+
+_HEALTH = {
+    "summary": "Readiness: Postgres, Redis and the write-behind",
+    "responses": {
+        "200": {"description": "Ready", "content": _json("Health")},
+        "503": {"description": "Not ready", "content": _json("Health")},
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    session = [{"session": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "increment-service", "version": __version__},
+        "paths": {
+            "/increment": {"post": {**_INCREMENT, "operationId": "increment"}},
+            "/api/increment": {
+                "post": {**_INCREMENT, "operationId": "apiIncrement", "security": session}
+            },
+            "/api/counters/{key}": {
+                "get": {
+                    "operationId": "getCounter",
+                    "summary": "The persisted value of a counter",
+                    "security": session,
+                    "parameters": [
+                        {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": {"description": "The counter", "content": _json("Counter")},
+                        **_problems(401, 404),
+                    },
+                }
+            },
+            "/api/health": {"get": {**_HEALTH, "operationId": "apiHealth"}},
+            "/health": {"get": {**_HEALTH, "operationId": "health"}},
+            "/livez": {
+                "get": {
+                    "operationId": "livez",
+                    "summary": "Liveness: the process answers (no dependency checks)",
+                    "responses": {"200": {"description": "Alive"}},
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1 document"}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus exposition",
+                    "responses": {"200": {"description": "Prometheus text format"}},
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "session": {"type": "apiKey", "in": "cookie", "name": "INCREMENT_SESSION"}
+            },
+            "responses": {
+                "Problem": {
+                    "description": "RFC 9457 problem details",
+                    "content": {
+                        "application/problem+json": {
+                            "schema": {"$ref": "#/components/schemas/Problem"}
+                        }
+                    },
+                }
+            },
+            "schemas": {
+                "Increment": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["key", "value"],
+                    "properties": {
+                        "key": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
+                        "value": {
+                            "type": "integer",
+                            "minimum": -MAX_SAFE_INTEGER,
+                            "maximum": MAX_SAFE_INTEGER,
+                        },
+                    },
+                },
+                "Counter": {
+                    "type": "object",
+                    "required": ["key", "value", "updatedAt"],
+                    "properties": {
+                        "key": {"type": "string"},
+                        "value": {"type": "integer"},
+                        "updatedAt": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status", "checks"],
+                    "properties": {
+                        "status": {"enum": ["ok", "fail"]},
+                        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status", "detail"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "errors": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["pointer", "detail"],
+                                "properties": {
+                                    "pointer": {"type": "string"},
+                                    "detail": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    }
+
+
+async def handler(request: web.Request) -> web.Response:
+    return web.json_response(document())

@@ -1,0 +1,131 @@
+"""Settings: one frozen dataclass, read from the environment once, at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "0.0.0.0"  # noqa: S104 -- a container's service must listen on every interface
+    port: int = 3333
+    # None means "start the embedded server under data_dir" (see embedded.py).
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = Path.home() / ".local" / "share" / "increment-service"
+    workers: int = 1
+    flush_interval_seconds: float = 2.0
+    increment_auth: str = "none"
+    max_pending_keys: int = 1_000_000
+    session_max_age_seconds: int = 86_400
+    session_idle_seconds: int = 1_800
+    cookie_secure: bool = False
+    log_level: str = "INFO"
+    log_format: str = "json"
+    access_log: bool = True
+    shutdown_timeout_seconds: float = 15.0
+    auto_migrate: bool = True
+    replica_id: str = dataclasses.field(default_factory=socket.gethostname)
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("PORT", 0 <= self.port <= 65535, "must be between 0 and 65535"),
+            ("WORKERS", 1 <= self.workers <= 256, "must be between 1 and 256"),
+            (
+                "FLUSH_INTERVAL_SECONDS",
+                0 < self.flush_interval_seconds < 10,
+                "must be > 0 and < 10 (Postgres may lag at most 10 s)",
+            ),
+            ("INCREMENT_AUTH", self.increment_auth in ("none", "session"), "must be none or session"),
+            ("MAX_PENDING_KEYS", self.max_pending_keys >= 1, "must be at least 1"),
+            ("SESSION_MAX_AGE_SECONDS", self.session_max_age_seconds >= 1, "must be at least 1"),
+            ("SESSION_IDLE_SECONDS", self.session_idle_seconds >= 1, "must be at least 1"),
+            (
+                "LOG_LEVEL",
+                self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                "must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
+            ),
+            ("LOG_FORMAT", self.log_format in ("json", "console"), "must be json or console"),
+            ("SHUTDOWN_TIMEOUT_SECONDS", self.shutdown_timeout_seconds > 0, "must be > 0"),
+            ("REPLICA_ID", 0 < len(self.replica_id) <= 100, "must be 1 to 100 characters"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise SettingsError(f"{name} {why}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from ``environ`` (default ``os.environ``); unset means default."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        values: dict[str, Any] = {}
+
+        def read(name: str, parse: Callable[[str], T]) -> None:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return
+            try:
+                values[name.lower()] = parse(raw.strip())
+            except ValueError:
+                # URLs may carry a password: name the variable, never echo its value.
+                shown = "" if name.endswith("_URL") else f" {raw!r}"
+                raise SettingsError(f"{name} has an invalid value{shown}") from None
+
+        read("HOST", str)
+        read("PORT", int)
+        read("DATABASE_URL", _url(("postgres", "postgresql")))
+        read("REDIS_URL", _url(("redis", "rediss", "unix")))
+        read("DATA_DIR", Path)
+        read("WORKERS", int)
+        read("FLUSH_INTERVAL_SECONDS", _finite_float)
+        read("INCREMENT_AUTH", str.lower)
+        read("MAX_PENDING_KEYS", int)
+        read("SESSION_MAX_AGE_SECONDS", int)
+        read("SESSION_IDLE_SECONDS", int)
+        read("COOKIE_SECURE", _bool)
+        read("LOG_LEVEL", str.upper)
+        read("LOG_FORMAT", str.lower)
+        read("ACCESS_LOG", _bool)
+        read("SHUTDOWN_TIMEOUT_SECONDS", _finite_float)
+        read("AUTO_MIGRATE", _bool)
+        read("REPLICA_ID", str)
+        if "data_dir" not in values and env.get("XDG_DATA_HOME"):
+            values["data_dir"] = Path(env["XDG_DATA_HOME"]) / "increment-service"
+        return dataclasses.replace(defaults, **values)
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _finite_float(raw: str) -> float:
+    value = float(raw)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(raw)
+    return value
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        scheme, sep, _ = raw.partition("://")
+        if not sep or scheme not in schemes:
+            raise ValueError(raw)
+        return raw
+
+    return parse

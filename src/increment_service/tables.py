@@ -1,0 +1,41 @@
+"""The schema as SQLAlchemy Core metadata: the model the Alembic migrations in schema/ follow.
+
+The service itself runs plain SQL through asyncpg (see writebehind.py and storage modules);
+this metadata is what the migrations are checked against.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import UUID
+
+metadata = sa.MetaData()
+
+counters = sa.Table(
+    "counters",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("email", sa.Text, nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # Emails are unique regardless of case: one account per address.
+    sa.Index("users_email_lower_key", sa.func.lower(sa.column("email")), unique=True),
+)
+
+applied_batches = sa.Table(
+    "applied_batches",
+    metadata,
+    sa.Column("replica_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+    # Pruning deletes by age.
+    sa.Index("applied_batches_applied_at_idx", "applied_at"),
+)

@@ -1,0 +1,347 @@
+"""The write-behind: increments are summed in memory and applied to Postgres in batches.
+
+The whole mechanism lives in this module:
+
+* ``Aggregator`` is the in-memory part, free of I/O: a dict of per-key deltas that the request
+  handlers add to, swapped for an empty one when a batch is frozen.
+* ``apply_batch`` is the only SQL: ONE statement that records the batch id in
+  ``applied_batches`` and adds every delta to ``counters`` with an additive UPSERT. Both happen
+  in one implicit transaction, so a retry of a batch whose commit outcome was unknown finds
+  its id already recorded and adds nothing (no double counting).
+* ``WriteBehind`` is the asyncio side: a task that freezes and applies a batch every
+  ``flush_interval`` seconds, retries with backoff while Postgres is unreachable, and runs a
+  final flush at shutdown.
+
+Only one batch is in flight per replica: while it is being retried, new increments gather in
+the fresh dict, and the frozen batch is retried unchanged (same ``seq``) until its outcome is
+known. Replicas never conflict because every UPSERT is additive and keys are applied in sorted
+order, so concurrent batches lock rows in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+#: How long a retry may wait at most: a flush interval, so a recovered Postgres is caught up
+#: within one interval of coming back.
+_FIRST_BACKOFF_SECONDS = 0.1
+#: ``applied_batches`` only has to remember a batch for as long as a retry of it could come.
+_PRUNE_EVERY_SECONDS = 3600.0
+
+
+class BackpressureError(Exception):
+    """The replica holds ``max_pending_keys`` distinct keys and cannot take a new one."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many keys are waiting to be persisted")
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    replica_id: str
+    seq: int
+    keys: list[str]  # sorted, so every replica locks rows in the same order
+    deltas: list[int]
+    oldest: float  # monotonic time of the batch's oldest delta
+    overflowed: list[str]  # keys whose summed delta alone leaves the bigint range
+
+
+class Aggregator:
+    """Per-process sums of unpersisted increments. No I/O; not thread-safe (one event loop)."""
+
+    def __init__(
+        self,
+        replica_id: str,
+        max_pending_keys: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.replica_id = replica_id
+        self.max_pending_keys = max_pending_keys
+        self._clock = clock
+        self._pending: dict[str, int] = {}
+        self._pending_since: float | None = None
+        self._seq = 0
+        self.in_flight: Batch | None = None
+
+    def add(self, key: str, value: int) -> None:
+        pending = self._pending
+        if key in pending:
+            pending[key] += value
+            return
+        if len(pending) >= self.max_pending_keys:
+            raise BackpressureError(retry_after=1)
+        if not pending:
+            self._pending_since = self._clock()
+        pending[key] = value
+
+    def freeze(self) -> Batch | None:
+        """The batch to apply next: the one in flight if any, else the swapped-out pending dict."""
+        if self.in_flight is not None:
+            return self.in_flight
+        if not self._pending:
+            return None
+        # The swap is atomic with respect to the handlers: there is no await between the
+        # two assignments, and handlers only ever see one dict or the other.
+        pending, since = self._pending, self._pending_since
+        self._pending, self._pending_since = {}, None
+        keys = sorted(pending)
+        deltas = [pending[k] for k in keys]
+        overflowed = [k for k, d in zip(keys, deltas, strict=True) if not INT64_MIN <= d <= INT64_MAX]
+        if overflowed:
+            kept = [(k, d) for k, d in zip(keys, deltas, strict=True) if INT64_MIN <= d <= INT64_MAX]
+            keys, deltas = [k for k, _ in kept], [d for _, d in kept]
+        self._seq += 1
+        assert since is not None  # a non-empty dict always has a start time
+        self.in_flight = Batch(self.replica_id, self._seq, keys, deltas, since, overflowed)
+        return self.in_flight
+
+    def settle(self, batch: Batch) -> None:
+        """The batch's outcome is known (applied, or found already applied): forget it."""
+        if self.in_flight is batch:
+            self.in_flight = None
+
+    @property
+    def pending_keys(self) -> int:
+        in_flight = self.in_flight
+        return len(self._pending) + (len(in_flight.keys) if in_flight else 0)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._pending and self.in_flight is None
+
+    @property
+    def is_full(self) -> bool:
+        return len(self._pending) >= self.max_pending_keys
+
+    def persist_lag(self) -> float:
+        """Age in seconds of the oldest delta not yet persisted (0 when there is none)."""
+        oldest = self.in_flight.oldest if self.in_flight else self._pending_since
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+
+    def snapshot(self) -> dict[str, int]:
+        """Everything not yet persisted, per key (for tests and shutdown accounting)."""
+        totals = dict(self._pending)
+        if self.in_flight is not None:
+            for key, delta in zip(self.in_flight.keys, self.in_flight.deltas, strict=True):
+                totals[key] = totals.get(key, 0) + delta
+        return totals
+
+
+# One statement, one implicit transaction: the batch id is recorded and the deltas are added
+# together or not at all. If the id is already recorded (a retry after an ambiguous commit),
+# `fresh` is empty, so `delta` is empty and nothing is added. A key whose new total would leave
+# bigint is not updated (the WHERE of DO UPDATE) and is reported back as rejected; every other
+# key of the batch is still applied.
+APPLY_BATCH_SQL = """
+WITH fresh AS (
+    INSERT INTO applied_batches (replica_id, seq, applied_at)
+    VALUES ($1, $2, now())
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), delta AS (
+    SELECT d.key, d.delta
+    FROM unnest($3::text[], $4::bigint[]) AS d (key, delta)
+    WHERE EXISTS (SELECT FROM fresh)
+), upserted AS (
+    INSERT INTO counters AS c (key, value, updated_at)
+    SELECT key, delta, now() FROM delta
+    ON CONFLICT (key) DO UPDATE
+        SET value = c.value + excluded.value, updated_at = excluded.updated_at
+        WHERE c.value::numeric + excluded.value
+              BETWEEN -9223372036854775808 AND 9223372036854775807
+    RETURNING c.key
+)
+SELECT
+    EXISTS (SELECT FROM fresh) AS fresh,
+    ARRAY (SELECT key FROM delta EXCEPT ALL SELECT key FROM upserted) AS rejected
+"""
+
+PRUNE_SQL = "DELETE FROM applied_batches WHERE applied_at < now() - interval '1 day'"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Applied:
+    fresh: bool  # False: this batch id had already been applied by an earlier attempt
+    rejected: list[str]  # keys whose total would have left the bigint range
+
+
+async def apply_batch(conn: asyncpg.Connection, batch: Batch, timeout: float) -> Applied:
+    row = await conn.fetchrow(
+        APPLY_BATCH_SQL, batch.replica_id, batch.seq, batch.keys, batch.deltas, timeout=timeout
+    )
+    assert row is not None  # the outer SELECT always returns exactly one row
+    return Applied(fresh=row["fresh"], rejected=list(row["rejected"]))
+
+
+class WriteBehind:
+    """Runs the flush loop of one replica (one worker process)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        *,
+        replica_id: str,
+        flush_interval: float,
+        max_pending_keys: int,
+    ) -> None:
+        # A fresh suffix per process start: seq restarts at 1, and a batch id must never
+        # collide with one recorded by an earlier incarnation of the same replica.
+        incarnation = f"{replica_id}:{secrets.token_hex(6)}"
+        self.aggregator = Aggregator(incarnation, max_pending_keys)
+        self.pool = pool
+        self.metrics = metrics
+        self.flush_interval = flush_interval
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._last_prune = time.monotonic()
+        self.last_error: str | None = None
+
+    @property
+    def replica_id(self) -> str:
+        return self.aggregator.replica_id
+
+    def add(self, key: str, value: int) -> None:
+        try:
+            self.aggregator.add(key, value)
+        except BackpressureError:
+            self.metrics.backpressure_rejections.inc()
+            raise
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="write-behind flusher")
+
+    async def _run(self) -> None:
+        delay = self.flush_interval
+        while True:
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            ok = await self.flush()
+            if ok:
+                delay = max(0.0, self.flush_interval - (time.monotonic() - started))
+                await self._maybe_prune()
+            else:
+                delay = min(self.flush_interval, _FIRST_BACKOFF_SECONDS * 2**self._failures)
+
+    async def flush(self) -> bool:
+        """Freeze and apply one batch. True when nothing is left in flight."""
+        batch = self.aggregator.freeze()
+        self.observe()
+        if batch is None:
+            return True
+        if batch.overflowed:
+            self._reject(batch, batch.overflowed)
+        started = time.perf_counter()
+        try:
+            # An interval for the pool to hand out (or open) a connection; past the statement
+            # timeout the outcome is unknown, and the retry of the same batch id settles it.
+            async with self.pool.acquire(timeout=self.flush_interval) as conn:
+                applied = await apply_batch(conn, batch, timeout=max(5.0, self.flush_interval))
+        except Exception as exc:  # noqa: BLE001 -- the flusher must survive any failure
+            self._failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.flush_failures.inc()
+            log.warning(
+                "flush failed, will retry",
+                extra={
+                    "event": "flush",
+                    "outcome": "error",
+                    "replica_id": batch.replica_id,
+                    "seq": batch.seq,
+                    "keys": len(batch.keys),
+                    "error": self.last_error,
+                    "attempt": self._failures,
+                },
+            )
+            return False
+        duration = time.perf_counter() - started
+        self._failures = 0
+        self.last_error = None
+        self.aggregator.settle(batch)
+        self.metrics.flush_duration.observe(duration)
+        self.metrics.flush_keys.observe(len(batch.keys))
+        if applied.rejected:
+            self._reject(batch, applied.rejected)
+        log.info(
+            "flush applied",
+            extra={
+                "event": "flush",
+                "outcome": "applied" if applied.fresh else "already-applied",
+                "replica_id": batch.replica_id,
+                "seq": batch.seq,
+                "keys": len(batch.keys),
+                "duration": round(duration, 6),
+            },
+        )
+        self.observe()
+        return self.aggregator.in_flight is None
+
+    def _reject(self, batch: Batch, keys: Sequence[str]) -> None:
+        self.metrics.overflow_rejected.inc(len(keys))
+        log.error(
+            "deltas rejected: the counter would leave the bigint range",
+            extra={
+                "event": "overflow",
+                "replica_id": batch.replica_id,
+                "seq": batch.seq,
+                "rejected_keys": list(keys[:20]),
+                "rejected": len(keys),
+            },
+        )
+
+    async def _maybe_prune(self) -> None:
+        if time.monotonic() - self._last_prune < _PRUNE_EVERY_SECONDS:
+            return
+        self._last_prune = time.monotonic()
+        try:
+            async with self.pool.acquire(timeout=self.flush_interval) as conn:
+                await conn.execute(PRUNE_SQL, timeout=30)
+        except Exception:  # noqa: BLE001 -- pruning is housekeeping; the next hour retries
+            log.warning("pruning applied_batches failed", exc_info=True)
+
+    def observe(self) -> None:
+        self.metrics.pending_keys.set(self.aggregator.pending_keys)
+        self.metrics.persist_lag.set(self.aggregator.persist_lag())
+
+    async def close(self, timeout: float) -> None:
+        """Stop the loop, then flush everything left, retrying until ``timeout`` runs out."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        deadline = time.monotonic() + timeout
+        while not self.aggregator.is_empty:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    if await self.flush():
+                        continue
+            except TimeoutError:
+                break
+            await asyncio.sleep(min(remaining, _FIRST_BACKOFF_SECONDS * 2**self._failures, 1.0))
+        left = self.aggregator.snapshot()
+        if left:
+            log.error(
+                "shutdown: increments could not be persisted and are lost",
+                extra={"event": "shutdown", "keys": len(left), "sum": sum(left.values())},
+            )
+        else:
+            log.info("shutdown: everything acknowledged is persisted", extra={"event": "shutdown"})
