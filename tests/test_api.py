@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 
 import asyncpg
+import jsonschema
+import pytest
 from aiohttp.test_utils import TestClient
 
 from increment_service import keys
-from tests.support import JSON
+from increment_service.app import create_app
+from increment_service.settings import Settings
+from tests.support import JSON, free_port
 
 
 async def test_increment_is_accepted_then_persisted(
@@ -22,3 +26,143 @@ async def test_increment_is_accepted_then_persisted(
     row = await pg.fetchrow("SELECT value, updated_at FROM counters WHERE key = 'apples'")
     assert row is not None
     assert row["value"] == 10
+
+
+async def test_health_reports_each_dependency(client: TestClient) -> None:
+    for path in ("/health", "/api/health"):
+        response = await client.get(path)
+        assert response.status == 200
+        assert await response.json() == {
+            "status": "ok",
+            "checks": {"postgres": "ok", "redis": "ok", "writeBehind": "ok"},
+        }
+    live = await client.get("/livez")
+    assert live.status == 200
+
+
+async def test_health_is_503_when_dependencies_are_unreachable(
+    aiohttp_client, settings: Settings
+) -> None:  # type: ignore[no-untyped-def]
+    closed = free_port()
+    app = create_app(
+        dataclasses.replace(
+            settings,
+            database_url=f"postgresql://postgres@127.0.0.1:{closed}/none",
+            redis_url=f"redis://127.0.0.1:{closed}/0",
+        )
+    )
+    client = await aiohttp_client(app)
+    response = await client.get("/api/health")
+    assert response.status == 503
+    body = await response.json()
+    assert body["status"] == "fail"
+    assert body["checks"]["postgres"].startswith("error")
+    assert body["checks"]["redis"].startswith("error")
+    assert body["checks"]["writeBehind"] == "ok"
+    # Increments are still taken: they wait in memory for Postgres to come back.
+    assert (await client.post("/increment", json={"key": "a", "value": 1})).status == 202
+    assert (await client.get("/livez")).status == 200
+
+
+async def test_backpressure_refuses_new_keys_with_503_and_retry_after(
+    aiohttp_client, settings: Settings, pg: asyncpg.Connection
+) -> None:  # type: ignore[no-untyped-def]
+    client = await aiohttp_client(
+        create_app(dataclasses.replace(settings, max_pending_keys=3, flush_interval_seconds=9))
+    )
+    for key in "abc":
+        assert (await client.post("/increment", json={"key": key, "value": 1})).status == 202
+    refused = await client.post("/increment", json={"key": "d", "value": 1})
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.content_type == "application/problem+json"
+    assert (await refused.json(content_type=None))["type"].endswith(":backpressure")
+    # A key already pending is still counted.
+    assert (await client.post("/increment", json={"key": "a", "value": 1})).status == 202
+    health = await client.get("/api/health")
+    assert health.status == 503
+    assert (await health.json())["checks"]["writeBehind"].startswith("error")
+    metrics = await (await client.get("/metrics")).text()
+    assert "increment_backpressure_rejections_total 1.0" in metrics
+    await client.app[keys.WRITE_BEHIND].flush()
+    assert (await client.post("/increment", json={"key": "d", "value": 1})).status == 202
+    await client.app[keys.WRITE_BEHIND].flush()
+    rows = await pg.fetch("SELECT key, value FROM counters ORDER BY key")
+    assert [(r["key"], r["value"]) for r in rows] == [("a", 2), ("b", 1), ("c", 1), ("d", 1)]
+
+
+async def test_guarded_routes_need_a_session(client: TestClient) -> None:
+    increment = await client.post("/api/increment", json={"key": "a", "value": 1})
+    assert increment.status == 401
+    assert increment.content_type == "application/problem+json"
+    counter = await client.get("/api/counters/a")
+    assert counter.status == 401
+    assert client.app[keys.WRITE_BEHIND].aggregator.is_empty
+
+
+async def test_increment_auth_session_guards_increment(aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    client = await aiohttp_client(
+        create_app(dataclasses.replace(settings, increment_auth="session"))
+    )
+    assert (await client.post("/increment", json={"key": "a", "value": 1})).status == 401
+
+
+async def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
+    for _ in range(3):
+        await client.post("/increment", json={"key": "m", "value": 1})
+    await client.post("/increment", json={"key": "m"})
+    await client.get("/api/counters/some-raw-key")
+    await client.get("/no/such/path")
+    await client.app[keys.WRITE_BEHIND].flush()
+    text = await (await client.get("/metrics")).text()
+    assert "increments_total 3.0" in text
+    series = 'http_request_duration_seconds_count{method="POST",route="/increment",'
+    assert series + 'status_code="202"} 3.0' in text
+    assert 'route="/increment",status_code="422"} 1.0' in text
+    assert 'route="/api/counters/{key}"' in text
+    assert "some-raw-key" not in text
+    assert "/no/such/path" not in text
+    assert 'route="unmatched"' in text
+    assert "increment_flush_keys_count 1.0" in text
+    assert "increment_pending_keys 0.0" in text
+
+
+async def test_request_id_is_echoed_or_made(client: TestClient) -> None:
+    given = await client.get("/livez", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["X-Request-ID"] == "abc-123"
+    made = await client.get("/livez", headers={"X-Request-ID": "x" * 500})
+    assert len(made.headers["X-Request-ID"]) == 32
+
+
+async def test_openapi_documents_exactly_the_routes(client: TestClient) -> None:
+    response = await client.get("/api/openapi.json")
+    assert response.status == 200
+    document = await response.json()
+    assert document["openapi"].startswith("3.1")
+    documented = {
+        (method.upper(), path)
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+    routed = {
+        (route.method, route.resource.canonical)
+        for route in client.app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    assert documented == routed
+
+
+async def test_problem_bodies_match_the_documented_schema(client: TestClient) -> None:
+    document = await (await client.get("/api/openapi.json")).json()
+    schema = {**document["components"]["schemas"]["Problem"], "$defs": {}}
+    for response in (
+        await client.post("/increment", json={"key": 1}),
+        await client.post("/increment", data=b"{", headers=JSON),
+        await client.get("/increment"),
+    ):
+        jsonschema.validate(await response.json(content_type=None), schema)
+
+
+def test_create_app_needs_both_urls(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="database_url and redis_url"):
+        create_app(dataclasses.replace(settings, redis_url=None))

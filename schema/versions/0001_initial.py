@@ -33,9 +33,7 @@ def upgrade() -> None:
             "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
     )
-    op.create_index(
-        "users_email_lower_key", "users", [sa.text("lower(email)")], unique=True
-    )
+    op.create_index("users_email_lower_key", "users", [sa.text("lower(email)")], unique=True)
     op.create_table(
         "applied_batches",
         sa.Column("replica_id", sa.Text, primary_key=True),

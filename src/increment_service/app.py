@@ -34,7 +34,7 @@ async def write_behind_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Requests have drained by now (aiohttp waits for them before cleanup); what is left of
     # the shutdown budget goes to the final flush.
-    await write_behind.close(timeout=final_flush_seconds(settings))
+    await write_behind.close(within=final_flush_seconds(settings))
 
 
 def request_drain_seconds(settings: Settings) -> float:
@@ -65,7 +65,9 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.METRICS] = metrics
     app.cleanup_ctx.extend([pg_ctx, redis_ctx, write_behind_ctx, loop_lag_ctx])
 
-    open_increment = views.increment if settings.increment_auth == "none" else guarded(views.increment)
+    open_increment = (
+        views.increment if settings.increment_auth == "none" else guarded(views.increment)
+    )
     app.router.add_post("/increment", open_increment)
     app.router.add_post("/api/increment", guarded(views.increment))
     app.router.add_get("/api/counters/{key:.+}", guarded(views.get_counter))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 import orjson
+
+from .db import Connection
 
 
 def dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-async def get(conn: asyncpg.Connection, key: str) -> dict[str, Any] | None:
+async def get(conn: Connection, key: str) -> dict[str, Any] | None:
     row = await conn.fetchrow("SELECT key, value, updated_at FROM counters WHERE key = $1", key)
     if row is None:
         return None

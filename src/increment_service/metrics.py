@@ -62,9 +62,7 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
-        self.increments = Counter(
-            "increments", "Increments acknowledged with 202.", registry=r
-        )
+        self.increments = Counter("increments", "Increments acknowledged with 202.", registry=r)
         self.flush_duration = Histogram(
             "increment_flush_duration_seconds",
             "Time to apply one batch to Postgres.",
@@ -134,7 +132,7 @@ class Metrics:
         if directory is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]  # unannotated upstream
         return generate_latest(registry)
 
 
@@ -155,7 +153,9 @@ def request_id(request: web.Request) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def observe_middleware(metrics: Metrics, log_requests: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+def observe_middleware(
+    metrics: Metrics, log_requests: bool
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Times every request, counts it in flight, tags it with a request id and logs it."""
 
     @web.middleware

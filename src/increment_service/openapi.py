@@ -39,7 +39,7 @@ _HEALTH = {
 
 
 def document() -> dict[str, Any]:
-    session = [{"session": []}]
+    session: list[dict[str, list[str]]] = [{"session": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "increment-service", "version": __version__},
@@ -54,7 +54,12 @@ def document() -> dict[str, Any]:
                     "summary": "The persisted value of a counter",
                     "security": session,
                     "parameters": [
-                        {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}
+                        {
+                            "name": "key",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
                     ],
                     "responses": {
                         "200": {"description": "The counter", "content": _json("Counter")},

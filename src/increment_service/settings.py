@@ -47,7 +47,11 @@ class Settings:
                 0 < self.flush_interval_seconds < 10,
                 "must be > 0 and < 10 (Postgres may lag at most 10 s)",
             ),
-            ("INCREMENT_AUTH", self.increment_auth in ("none", "session"), "must be none or session"),
+            (
+                "INCREMENT_AUTH",
+                self.increment_auth in ("none", "session"),
+                "must be none or session",
+            ),
             ("MAX_PENDING_KEYS", self.max_pending_keys >= 1, "must be at least 1"),
             ("SESSION_MAX_AGE_SECONDS", self.session_max_age_seconds >= 1, "must be at least 1"),
             ("SESSION_IDLE_SECONDS", self.session_idle_seconds >= 1, "must be at least 1"),

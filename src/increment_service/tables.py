@@ -25,7 +25,9 @@ users = sa.Table(
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
     sa.Column("email", sa.Text, nullable=False),
     sa.Column("password_hash", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
     # Emails are unique regardless of case: one account per address.
     sa.Index("users_email_lower_key", sa.func.lower(sa.column("email")), unique=True),
 )

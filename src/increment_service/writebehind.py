@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import asyncpg
 
+from .db import Connection
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,13 @@ class Aggregator:
         self._pending, self._pending_since = {}, None
         keys = sorted(pending)
         deltas = [pending[k] for k in keys]
-        overflowed = [k for k, d in zip(keys, deltas, strict=True) if not INT64_MIN <= d <= INT64_MAX]
+        overflowed = [
+            k for k, d in zip(keys, deltas, strict=True) if not INT64_MIN <= d <= INT64_MAX
+        ]
         if overflowed:
-            kept = [(k, d) for k, d in zip(keys, deltas, strict=True) if INT64_MIN <= d <= INT64_MAX]
+            kept = [
+                (k, d) for k, d in zip(keys, deltas, strict=True) if INT64_MIN <= d <= INT64_MAX
+            ]
             keys, deltas = [k for k, _ in kept], [d for _, d in kept]
         self._seq += 1
         assert since is not None  # a non-empty dict always has a start time
@@ -181,9 +186,14 @@ class Applied:
     rejected: list[str]  # keys whose total would have left the bigint range
 
 
-async def apply_batch(conn: asyncpg.Connection, batch: Batch, timeout: float) -> Applied:
+async def apply_batch(conn: Connection, batch: Batch, statement_timeout: float) -> Applied:
     row = await conn.fetchrow(
-        APPLY_BATCH_SQL, batch.replica_id, batch.seq, batch.keys, batch.deltas, timeout=timeout
+        APPLY_BATCH_SQL,
+        batch.replica_id,
+        batch.seq,
+        batch.keys,
+        batch.deltas,
+        timeout=statement_timeout,
     )
     assert row is not None  # the outer SELECT always returns exactly one row
     return Applied(fresh=row["fresh"], rejected=list(row["rejected"]))
@@ -252,7 +262,9 @@ class WriteBehind:
             # An interval for the pool to hand out (or open) a connection; past the statement
             # timeout the outcome is unknown, and the retry of the same batch id settles it.
             async with self.pool.acquire(timeout=self.flush_interval) as conn:
-                applied = await apply_batch(conn, batch, timeout=max(5.0, self.flush_interval))
+                applied = await apply_batch(
+                    conn, batch, statement_timeout=max(5.0, self.flush_interval)
+                )
         except Exception as exc:  # noqa: BLE001 -- the flusher must survive any failure
             self._failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -312,20 +324,20 @@ class WriteBehind:
         try:
             async with self.pool.acquire(timeout=self.flush_interval) as conn:
                 await conn.execute(PRUNE_SQL, timeout=30)
-        except Exception:  # noqa: BLE001 -- pruning is housekeeping; the next hour retries
+        except Exception:
             log.warning("pruning applied_batches failed", exc_info=True)
 
     def observe(self) -> None:
         self.metrics.pending_keys.set(self.aggregator.pending_keys)
         self.metrics.persist_lag.set(self.aggregator.persist_lag())
 
-    async def close(self, timeout: float) -> None:
-        """Stop the loop, then flush everything left, retrying until ``timeout`` runs out."""
+    async def close(self, within: float) -> None:
+        """Stop the loop, then flush everything left, retrying for at most ``within`` seconds."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while not self.aggregator.is_empty:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -1,0 +1,209 @@
+"""Every bad input gets its status and a problem+json body, and changes nothing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from increment_service import keys
+from increment_service.validation import MAX_BODY_BYTES
+from tests.support import JSON
+
+MAX = 2**53 - 1
+
+# (body bytes, headers, expected status, expected pointers in `errors` or None)
+BAD_BODIES: list[tuple[str, bytes, dict[str, str], int, list[str] | None]] = [
+    ("malformed", b'{"key": "a", "value": ', JSON, 400, None),
+    ("empty body", b"", JSON, 400, None),
+    ("duplicate member", b'{"key": "a", "key": "b", "value": 1}', JSON, 400, None),
+    ("duplicate escaped", b'{"key": "a", "k\\u0065y": "b", "value": 1}', JSON, 400, None),
+    ("nested duplicate", b'{"key": "a", "value": 1, "x": {"y": 1, "y": 2}}', JSON, 400, None),
+    ("NaN", b'{"key": "a", "value": NaN}', JSON, 400, None),
+    ("Infinity", b'{"key": "a", "value": Infinity}', JSON, 400, None),
+    ("-Infinity", b'{"key": "a", "value": -Infinity}', JSON, 400, None),
+    ("invalid utf-8", b'{"key": "\xff", "value": 1}', JSON, 400, None),
+    ("deep nesting", b"[" * 2000 + b"]" * 2000, JSON, 400, None),
+    ("trailing garbage", b'{"key": "a", "value": 1} x', JSON, 400, None),
+    ("no content type", b'{"key": "a", "value": 1}', {}, 415, None),
+    ("text/plain", b'{"key": "a", "value": 1}', {"Content-Type": "text/plain"}, 415, None),
+    ("form", b"key=a&value=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415, None),
+    (
+        "latin-1 charset",
+        b'{"key": "a", "value": 1}',
+        {"Content-Type": "application/json; charset=latin-1"},
+        415,
+        None,
+    ),
+    ("array", b'[{"key": "a", "value": 1}]', JSON, 422, [""]),
+    ("string", b'"a"', JSON, 422, [""]),
+    ("null", b"null", JSON, 422, [""]),
+    ("number", b"1", JSON, 422, [""]),
+    ("missing key", b'{"value": 1}', JSON, 422, ["/key"]),
+    ("missing value", b'{"key": "a"}', JSON, 422, ["/value"]),
+    ("empty object", b"{}", JSON, 422, ["/key", "/value"]),
+    ("unknown member", b'{"key": "a", "value": 1, "extra": 1}', JSON, 422, ["/extra"]),
+    ("unknown member ~/", b'{"key": "a", "value": 1, "a/b~": 1}', JSON, 422, ["/a~1b~0"]),
+    ("key number", b'{"key": 1, "value": 1}', JSON, 422, ["/key"]),
+    ("key null", b'{"key": null, "value": 1}', JSON, 422, ["/key"]),
+    ("key empty", b'{"key": "", "value": 1}', JSON, 422, ["/key"]),
+    ("key 257", b'{"key": "' + b"k" * 257 + b'", "value": 1}', JSON, 422, ["/key"]),
+    ("key NUL", b'{"key": "a\\u0000b", "value": 1}', JSON, 422, ["/key"]),
+    ("key newline", b'{"key": "a\\nb", "value": 1}', JSON, 422, ["/key"]),
+    ("key DEL", b'{"key": "a\\u007fb", "value": 1}', JSON, 422, ["/key"]),
+    ("key C1", b'{"key": "a\\u0085b", "value": 1}', JSON, 422, ["/key"]),
+    ("key lone high surrogate", b'{"key": "a\\ud800", "value": 1}', JSON, 422, ["/key"]),
+    ("key lone low surrogate", b'{"key": "\\udc00a", "value": 1}', JSON, 422, ["/key"]),
+    ("value true", b'{"key": "a", "value": true}', JSON, 422, ["/value"]),
+    ("value false", b'{"key": "a", "value": false}', JSON, 422, ["/value"]),
+    ("value 1.0", b'{"key": "a", "value": 1.0}', JSON, 422, ["/value"]),
+    ("value 1e2", b'{"key": "a", "value": 1e2}', JSON, 422, ["/value"]),
+    ("value 1.5", b'{"key": "a", "value": 1.5}', JSON, 422, ["/value"]),
+    ("value huge float", b'{"key": "a", "value": 1e400}', JSON, 422, ["/value"]),
+    ("value string", b'{"key": "a", "value": "1"}', JSON, 422, ["/value"]),
+    ("value null", b'{"key": "a", "value": null}', JSON, 422, ["/value"]),
+    ("value list", b'{"key": "a", "value": [1]}', JSON, 422, ["/value"]),
+    ("value 2^53", b'{"key": "a", "value": 9007199254740992}', JSON, 422, ["/value"]),
+    ("value -2^53", b'{"key": "a", "value": -9007199254740992}', JSON, 422, ["/value"]),
+    ("value 2^64", b'{"key": "a", "value": 18446744073709551616}', JSON, 422, ["/value"]),
+    ("both wrong", b'{"key": 5, "value": "x"}', JSON, 422, ["/key", "/value"]),
+    (
+        "too large",
+        b'{"key": "a", "value": 1, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}',
+        JSON,
+        413,
+        None,
+    ),
+]
+
+
+async def assert_nothing_changed(client: TestClient, pg: asyncpg.Connection) -> None:
+    write_behind = client.app[keys.WRITE_BEHIND]
+    assert write_behind.aggregator.is_empty
+    await write_behind.flush()
+    assert await pg.fetchval("SELECT count(*) FROM counters") == 0
+
+
+def assert_problem(body: dict[str, Any], status: int, pointers: list[str] | None) -> None:
+    assert body["status"] == status
+    assert isinstance(body["type"], str)
+    assert isinstance(body["title"], str)
+    assert isinstance(body["detail"], str)
+    if pointers is not None:
+        assert sorted(e["pointer"] for e in body["errors"]) == sorted(pointers)
+        assert all(isinstance(e["detail"], str) and e["detail"] for e in body["errors"])
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "pointers"),
+    [case[1:] for case in BAD_BODIES],
+    ids=[case[0] for case in BAD_BODIES],
+)
+@pytest.mark.parametrize("path", ["/increment"])
+async def test_bad_increment_is_a_problem_and_changes_nothing(
+    client: TestClient,
+    pg: asyncpg.Connection,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    pointers: list[str] | None,
+) -> None:
+    response = await client.post(path, data=body, headers=headers)
+    assert response.status == status
+    assert response.content_type == "application/problem+json"
+    assert_problem(await response.json(content_type=None), status, pointers)
+    await assert_nothing_changed(client, pg)
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    client: TestClient, pg: asyncpg.Connection
+) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"key": "a", "value": 1, "pad": "'
+        for _ in range(8):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = await client.post("/increment", data=chunks(), headers=JSON)
+    assert response.status == 413
+    assert response.content_type == "application/problem+json"
+    await assert_nothing_changed(client, pg)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+async def test_wrong_method_is_405_with_allow(
+    client: TestClient, pg: asyncpg.Connection, method: str
+) -> None:
+    response = await client.request(method, "/increment", json={"key": "a", "value": 1})
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    assert response.content_type == "application/problem+json"
+    assert_problem(await response.json(content_type=None), 405, None)
+    await assert_nothing_changed(client, pg)
+
+
+async def test_unknown_path_is_a_404_problem(client: TestClient) -> None:
+    response = await client.get("/nope")
+    assert response.status == 404
+    assert response.content_type == "application/problem+json"
+    assert_problem(await response.json(content_type=None), 404, None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("k" * 256, MAX),
+        ("a", -MAX),
+        ("zero", 0),
+        ("ünïcödé ключ 鍵 🔑", 3),
+        ('spaces and "quotes" and /slashes/ and \\', 1),
+        ("\u200b zero width is not a control character", 1),
+    ],
+)
+async def test_edge_of_the_valid_range_is_accepted(
+    client: TestClient, pg: asyncpg.Connection, key: str, value: int
+) -> None:
+    response = await client.post("/increment", json={"key": key, "value": value})
+    assert response.status == 202
+    await client.app[keys.WRITE_BEHIND].flush()
+    assert await pg.fetchval("SELECT value FROM counters WHERE key = $1", key) == value
+
+
+async def test_charset_utf8_is_accepted(client: TestClient) -> None:
+    response = await client.post(
+        "/increment",
+        data=b'{"key": "a", "value": 1}',
+        headers={"Content-Type": "application/json; charset=UTF-8"},
+    )
+    assert response.status == 202
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+            ),
+            max_leaves=10,
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
+async def test_no_input_produces_a_500(client: TestClient, body: bytes) -> None:
+    response = await client.post("/increment", data=body, headers=JSON)
+    assert response.status in (202, 400, 413, 422)
+    if response.status != 202:
+        assert response.content_type == "application/problem+json"
