@@ -166,3 +166,21 @@ async def test_problem_bodies_match_the_documented_schema(client: TestClient) ->
 def test_create_app_needs_both_urls(settings: Settings) -> None:
     with pytest.raises(ValueError, match="database_url and redis_url"):
         create_app(dataclasses.replace(settings, redis_url=None))
+
+
+async def test_a_sum_too_big_for_bigint_is_rejected_and_the_rest_persisted(
+    aiohttp_client, settings: Settings, pg: asyncpg.Connection
+) -> None:  # type: ignore[no-untyped-def]
+    # No background flush during the burst: the sum of one interval must leave bigint.
+    client = await aiohttp_client(
+        create_app(dataclasses.replace(settings, flush_interval_seconds=9))
+    )
+    big = 2**53 - 1
+    for _ in range(1025):  # 1025 * (2^53 - 1) > 2^63 - 1 within one interval
+        assert (await client.post("/increment", json={"key": "huge", "value": big})).status == 202
+    assert (await client.post("/increment", json={"key": "fine", "value": 1})).status == 202
+    await client.app[keys.WRITE_BEHIND].flush()
+    rows = await pg.fetch("SELECT key, value FROM counters")
+    assert {r["key"]: r["value"] for r in rows} == {"fine": 1}
+    text = await (await client.get("/metrics")).text()
+    assert "increment_overflow_rejected_total 1.0" in text

@@ -6,12 +6,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from . import keys, openapi, views
+from . import keys, openapi, sessions, users, views
 from .db import pg_ctx
 from .errors import problem_middleware
 from .metrics import Metrics, loop_lag_ctx, metrics_handler, observe_middleware
 from .redis_client import redis_ctx
-from .sessions import require_session
 from .settings import Settings
 from .validation import MAX_BODY_BYTES
 from .writebehind import WriteBehind
@@ -47,7 +46,7 @@ def final_flush_seconds(settings: Settings) -> float:
 
 def guarded(handler: Handler) -> Handler:
     async def guarded_handler(request: web.Request) -> web.StreamResponse:
-        await require_session(request)
+        await sessions.require_session(request)
         return await handler(request)
 
     return guarded_handler
@@ -59,11 +58,24 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[observe_middleware(metrics, settings.access_log), problem_middleware],
+        middlewares=[
+            observe_middleware(metrics, settings.access_log),
+            problem_middleware,
+            sessions.middleware(),
+        ],
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
-    app.cleanup_ctx.extend([pg_ctx, redis_ctx, write_behind_ctx, loop_lag_ctx])
+    app.cleanup_ctx.extend(
+        [
+            pg_ctx,
+            redis_ctx,
+            sessions.sessions_ctx,  # after redis_ctx: it needs the client
+            users.passwords_ctx,
+            write_behind_ctx,
+            loop_lag_ctx,
+        ]
+    )
 
     open_increment = (
         views.increment if settings.increment_auth == "none" else guarded(views.increment)
@@ -71,6 +83,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/increment", open_increment)
     app.router.add_post("/api/increment", guarded(views.increment))
     app.router.add_get("/api/counters/{key:.+}", guarded(views.get_counter))
+    app.router.add_post("/api/users", users.create_user)
+    app.router.add_post("/api/sessions", sessions.login)
+    app.router.add_get("/api/sessions", sessions.read)
+    app.router.add_delete("/api/sessions", sessions.logout)
     app.router.add_get("/api/health", views.health)
     app.router.add_get("/health", views.health)
     app.router.add_get("/livez", views.livez)

@@ -11,7 +11,9 @@ from aiohttp import web
 from .metrics import Metrics
 from .settings import Settings
 
-if TYPE_CHECKING:  # imported for annotations only: writebehind imports metrics, not keys
+if TYPE_CHECKING:  # imported for annotations only: these modules import keys
+    from .sessions import Sessions
+    from .users import Passwords
     from .writebehind import WriteBehind
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -19,3 +21,5 @@ METRICS = web.AppKey("metrics", Metrics)
 PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", redis.asyncio.Redis)
 WRITE_BEHIND: web.AppKey[WriteBehind] = web.AppKey("write_behind")
+SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
+PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")

@@ -7,6 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .sessions import COOKIE_NAME
+from .users import MAX_EMAIL_CHARS
 from .validation import MAX_KEY_CHARS, MAX_SAFE_INTEGER
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
@@ -67,6 +69,56 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/users": {
+                "post": {
+                    "operationId": "createUser",
+                    "summary": "Create a user (email unique regardless of case)",
+                    "requestBody": {"required": True, "content": _json("NewUser")},
+                    "responses": {
+                        "201": {"description": "Created", "content": _json("User")},
+                        **_problems(400, 409, 413, 415, 422, 503),
+                    },
+                }
+            },
+            "/api/sessions": {
+                "post": {
+                    "operationId": "login",
+                    "summary": "Log in: a new session, its id in the cookie",
+                    "requestBody": {"required": True, "content": _json("Credentials")},
+                    "responses": {
+                        "201": {
+                            "description": "Logged in",
+                            "headers": {
+                                "Set-Cookie": {
+                                    "description": f"{COOKIE_NAME}=<session id>; HttpOnly; "
+                                    "Path=/; SameSite=Lax (and Secure when COOKIE_SECURE)",
+                                    "schema": {"type": "string"},
+                                }
+                            },
+                            "content": _json("SessionUser"),
+                        },
+                        # 401 is the same for an unknown email and a wrong password.
+                        **_problems(400, 401, 413, 415, 422, 429, 503),
+                    },
+                },
+                "get": {
+                    "operationId": "getSession",
+                    "summary": "The user of the current session",
+                    "security": session,
+                    "responses": {
+                        "200": {"description": "Logged in", "content": _json("SessionUser")},
+                        **_problems(401, 503),
+                    },
+                },
+                "delete": {
+                    "operationId": "logout",
+                    "summary": "Log out: delete the session on every replica (idempotent)",
+                    "responses": {
+                        "204": {"description": "No session any more; the cookie is cleared"},
+                        **_problems(503),
+                    },
+                },
+            },
             "/api/health": {"get": {**_HEALTH, "operationId": "apiHealth"}},
             "/health": {"get": {**_HEALTH, "operationId": "health"}},
             "/livez": {
@@ -92,9 +144,7 @@ def document() -> dict[str, Any]:
             },
         },
         "components": {
-            "securitySchemes": {
-                "session": {"type": "apiKey", "in": "cookie", "name": "INCREMENT_SESSION"}
-            },
+            "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": COOKIE_NAME}},
             "responses": {
                 "Problem": {
                     "description": "RFC 9457 problem details",
@@ -127,6 +177,42 @@ def document() -> dict[str, Any]:
                         "value": {"type": "integer"},
                         "updatedAt": {"type": "string", "format": "date-time"},
                     },
+                },
+                "NewUser": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["email", "password"],
+                    "properties": {
+                        "email": {
+                            "type": "string",
+                            "format": "email",
+                            "maxLength": MAX_EMAIL_CHARS,
+                        },
+                        "password": {
+                            "type": "string",
+                            "minLength": 8,
+                            "description": "8 to 72 bytes in UTF-8",
+                        },
+                    },
+                },
+                "User": {
+                    "type": "object",
+                    "required": ["id", "email"],
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "email": {"type": "string"},
+                    },
+                },
+                "Credentials": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["email", "password"],
+                    "properties": {"email": {"type": "string"}, "password": {"type": "string"}},
+                },
+                "SessionUser": {
+                    "type": "object",
+                    "required": ["userId"],
+                    "properties": {"userId": {"type": "string", "format": "uuid"}},
                 },
                 "Health": {
                     "type": "object",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -31,6 +32,8 @@ class Settings:
     session_max_age_seconds: int = 86_400
     session_idle_seconds: int = 1_800
     cookie_secure: bool = False
+    # Proxies whose X-Forwarded-For is believed, for the per-address login limit (throttle.py).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     log_level: str = "INFO"
     log_format: str = "json"
     access_log: bool = True
@@ -98,6 +101,7 @@ class Settings:
         read("SESSION_MAX_AGE_SECONDS", int)
         read("SESSION_IDLE_SECONDS", int)
         read("COOKIE_SECURE", _bool)
+        read("TRUSTED_PROXIES", _networks)
         read("LOG_LEVEL", str.upper)
         read("LOG_FORMAT", str.lower)
         read("ACCESS_LOG", _bool)
@@ -116,6 +120,13 @@ def _bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated addresses or CIDR networks, e.g. ``10.0.0.0/8,127.0.0.1``."""
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip()
+    )
 
 
 def _finite_float(raw: str) -> float:

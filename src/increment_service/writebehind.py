@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-#: How long a retry may wait at most: a flush interval, so a recovered Postgres is caught up
-#: within one interval of coming back.
+#: The first retry waits this long, then twice as long each time, up to one flush interval: a
+#: recovered Postgres is caught up within one interval of coming back.
 _FIRST_BACKOFF_SECONDS = 0.1
 #: ``applied_batches`` only has to remember a batch for as long as a retry of it could come.
 _PRUNE_EVERY_SECONDS = 3600.0
+_OBSERVE_EVERY_SECONDS = 0.5
 
 
 class BackpressureError(Exception):
@@ -218,7 +219,7 @@ class WriteBehind:
         self.pool = pool
         self.metrics = metrics
         self.flush_interval = flush_interval
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
         self._last_prune = time.monotonic()
         self.last_error: str | None = None
@@ -235,19 +236,33 @@ class WriteBehind:
             raise
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="write-behind flusher")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="write-behind flusher"),
+            asyncio.create_task(self._observe_often(), name="write-behind gauges"),
+        ]
 
     async def _run(self) -> None:
         delay = self.flush_interval
         while True:
             await asyncio.sleep(delay)
             started = time.monotonic()
-            ok = await self.flush()
+            try:
+                ok = await self.flush()
+            except Exception:  # pragma: no cover -- flush() handles I/O errors; this is for bugs
+                # The loop must go on whatever happens, or nothing is ever persisted again.
+                log.exception("flush loop error", extra={"event": "flush", "outcome": "bug"})
+                ok = False
             if ok:
                 delay = max(0.0, self.flush_interval - (time.monotonic() - started))
                 await self._maybe_prune()
             else:
                 delay = min(self.flush_interval, _FIRST_BACKOFF_SECONDS * 2**self._failures)
+
+    async def _observe_often(self) -> None:
+        # The gauges must move while a flush hangs (Postgres unresponsive), not only per flush.
+        while True:
+            self.observe()
+            await asyncio.sleep(_OBSERVE_EVERY_SECONDS)
 
     async def flush(self) -> bool:
         """Freeze and apply one batch. True when nothing is left in flight."""
@@ -255,8 +270,6 @@ class WriteBehind:
         self.observe()
         if batch is None:
             return True
-        if batch.overflowed:
-            self._reject(batch, batch.overflowed)
         started = time.perf_counter()
         try:
             # An interval for the pool to hand out (or open) a connection; past the statement
@@ -288,8 +301,9 @@ class WriteBehind:
         self.aggregator.settle(batch)
         self.metrics.flush_duration.observe(duration)
         self.metrics.flush_keys.observe(len(batch.keys))
-        if applied.rejected:
-            self._reject(batch, applied.rejected)
+        rejected = [*batch.overflowed, *applied.rejected]
+        if rejected:
+            self._reject(batch, rejected)
         log.info(
             "flush applied",
             extra={
@@ -333,10 +347,10 @@ class WriteBehind:
 
     async def close(self, within: float) -> None:
         """Stop the loop, then flush everything left, retrying for at most ``within`` seconds."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         deadline = time.monotonic() + within
         while not self.aggregator.is_empty:
             remaining = deadline - time.monotonic()

@@ -1,0 +1,122 @@
+"""Brute-force limits for logins: failures per account and per client address, in Redis.
+
+Every attempt is counted *before* the password is checked, so a burst of concurrent guesses
+cannot slip past the limit while bcrypt runs; a successful login then takes its attempt back
+(and clears the account's count), so only failures use up the budget. Windows are fixed: the
+first counted attempt starts a ``WINDOW_SECONDS`` expiry, and when it runs out the count is
+gone. There is no permanent lockout, only a wait of at most one window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import math
+
+import redis.asyncio
+from aiohttp import web
+
+from .errors import TooManyRequests
+
+#: Failed logins allowed per account (email, whether or not it exists) in one window.
+ACCOUNT_LIMIT = 10
+#: Failed logins allowed per client address in one window (NAT: many users, one address).
+ADDRESS_LIMIT = 50
+WINDOW_SECONDS = 15 * 60
+
+_PREFIX = "INCREMENT_THROTTLE:login:"
+
+# Decrement only a count that still exists: after its window expired, a bare DECR would
+# create a key at -1 without an expiry.
+_GIVE_BACK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    return redis.call('DECR', KEYS[1])
+end
+return 0
+"""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Subjects:
+    """The Redis keys counting one login attempt."""
+
+    account: str
+    address: str
+
+    @classmethod
+    def of(cls, email: str, address: str) -> Subjects:
+        # Hashed: Redis holds no email addresses. Lower-cased like the users' unique index,
+        # so case variants of one address share one budget.
+        digest = hashlib.sha256(email.lower().encode("utf-8", "surrogatepass")).hexdigest()
+        return cls(f"{_PREFIX}account:{digest}", f"{_PREFIX}address:{address}")
+
+
+async def count_attempt(client: redis.asyncio.Redis, subjects: Subjects) -> None:
+    """Count one attempt; raise TooManyRequests if the account or the address is over its limit."""
+    async with client.pipeline(transaction=True) as pipe:
+        for key in (subjects.account, subjects.address):
+            # SET NX EX then INCR (which keeps the expiry): EXPIRE ... NX needs Redis 7 and
+            # the embedded server is 6.2. In one MULTI, a count never exists without expiry.
+            pipe.set(key, 0, ex=WINDOW_SECONDS, nx=True)
+            pipe.incr(key)
+            pipe.pttl(key)
+        results = await pipe.execute()
+    account_count, account_pttl = results[1], results[2]
+    address_count, address_pttl = results[4], results[5]
+    waits = [
+        pttl
+        for count, limit, pttl in (
+            (account_count, ACCOUNT_LIMIT, account_pttl),
+            (address_count, ADDRESS_LIMIT, address_pttl),
+        )
+        if count > limit
+    ]
+    if waits:
+        retry_after = max(1, math.ceil(max(waits) / 1000)) if max(waits) > 0 else WINDOW_SECONDS
+        raise TooManyRequests(
+            "too many failed logins; retry later",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+async def record_success(client: redis.asyncio.Redis, subjects: Subjects) -> None:
+    """The attempt was not a failure: clear the account's count, give the address its one back."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.delete(subjects.account)
+        pipe.eval(_GIVE_BACK, 1, subjects.address)
+        await pipe.execute()
+
+
+def client_address(request: web.Request, trusted_proxies: tuple[Network, ...]) -> str:
+    """The address the per-address limit counts.
+
+    The peer address, unless the peer is a trusted proxy (TRUSTED_PROXIES): then the right-most
+    X-Forwarded-For entry that is not itself a trusted proxy. Entries left of it were written
+    by the client and could name anyone, so they are never believed.
+    """
+    peer = request.remote or "unknown"
+    if not trusted_proxies or not _is_trusted(peer, trusted_proxies):
+        return peer
+    chain = ",".join(request.headers.getall("X-Forwarded-For", []))
+    hops = [hop.strip() for hop in chain.split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a malformed chain: count the proxy, not a name the client chose
+        if not any(address in network for network in trusted_proxies):
+            return str(address)
+    return peer
+
+
+def _is_trusted(peer: str, trusted_proxies: tuple[Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:  # a unix socket peer has no IP address
+        return False
+    return any(address in network for network in trusted_proxies)

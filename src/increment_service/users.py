@@ -1,0 +1,214 @@
+"""Users: storage (functions taking a connection), passwords (bcrypt off the event loop) and
+the handler of POST /api/users."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeAlias
+
+import asyncpg
+import bcrypt
+from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
+
+from . import counters, keys
+from .errors import Conflict, ServiceUnavailable, ValidationFailed
+from .validation import check_object, read_json
+
+#: bcrypt work factor: about a quarter to half a second per hash on a server core.
+BCRYPT_ROUNDS = 12
+#: bcrypt reads at most 72 bytes; longer passwords are refused, never silently truncated.
+MIN_PASSWORD_BYTES, MAX_PASSWORD_BYTES = 8, 72
+MAX_EMAIL_CHARS = 254  # RFC 5321 path limit
+
+# Something@something.tld, without spaces, control characters or lone surrogates (Postgres
+# text cannot hold those). Deliverability is the mail server's business, not ours.
+_ATOM = r"[^@\s\x00-\x1f\x7f-\x9f\ud800-\udfff]+"
+_EMAIL = re.compile(rf"{_ATOM}@{_ATOM}\.{_ATOM}")
+DB_TIMEOUT_SECONDS = 5.0
+
+#: A connection of its own or one lent by the pool: the storage functions take either.
+# (A string: PoolConnectionProxy is generic only in the type stubs.)
+Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class User:
+    id: uuid.UUID
+    email: str
+    password_hash: bytes
+
+
+class DuplicateEmail(Exception):
+    pass
+
+
+# --- storage -------------------------------------------------------------------------------
+
+
+async def insert(conn: Connection, email: str, password_hash: bytes) -> User:
+    """Insert a user; DuplicateEmail if the address exists in any letter case."""
+    user_id = uuid.uuid4()
+    try:
+        await conn.execute(
+            "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)",
+            user_id,
+            email,
+            password_hash.decode("ascii"),
+        )
+    except asyncpg.UniqueViolationError:
+        raise DuplicateEmail(email) from None
+    return User(user_id, email, password_hash)
+
+
+async def find_by_email(conn: Connection, email: str) -> User | None:
+    # lower(email) on both sides: the lookup uses the unique index users_email_lower_key.
+    row = await conn.fetchrow(
+        "SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)", email
+    )
+    if row is None:
+        return None
+    return User(row["id"], row["email"], row["password_hash"].encode("ascii"))
+
+
+@contextlib.asynccontextmanager
+async def connection(request: web.Request) -> AsyncIterator[Connection]:
+    """A pooled connection; Postgres unreachable is a 503, not a 500."""
+    try:
+        async with request.app[keys.PG_POOL].acquire(timeout=DB_TIMEOUT_SECONDS) as conn:
+            yield conn
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,  # Postgres starting or shutting down
+        asyncpg.InterfaceError,  # "connection is closed" mid-query
+    ) as exc:
+        raise ServiceUnavailable(
+            "the user database is unavailable; retry later", headers={"Retry-After": "1"}
+        ) from exc
+
+
+# --- passwords -----------------------------------------------------------------------------
+
+
+class Passwords:
+    """bcrypt on threads of its own: off the event loop, and never queued in front of the
+    default executor's work (DNS lookups for reconnects)."""
+
+    def __init__(self, workers: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
+        self._dummy: asyncio.Future[bytes] | None = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def hash(self, password: bytes) -> bytes:
+        hashed: bytes = await self._run(bcrypt.hashpw, password, bcrypt.gensalt(BCRYPT_ROUNDS))
+        return hashed
+
+    async def _dummy_hash(self) -> bytes:
+        # Made on the first login of this app, not at import or start-up (apps that never see
+        # a login never pay for it). Every login awaits it, whatever the email, so making it
+        # slows the first login of either kind alike.
+        if self._dummy is None:
+            self._dummy = asyncio.ensure_future(self.hash(secrets.token_bytes(32)))
+        return await asyncio.shield(self._dummy)
+
+    async def verify(self, password: bytes | None, stored: bytes | None) -> bool:
+        """Check ``password`` against ``stored``; with either missing, spend the same time on
+        a dummy hash and answer False, so an unknown email looks like a wrong password."""
+        dummy = await self._dummy_hash()
+        if password is None or stored is None:
+            await self._run(bcrypt.checkpw, b"not the password", dummy)
+            return False
+        ok: bool = await self._run(bcrypt.checkpw, password, stored)
+        return ok
+
+    def close(self) -> None:
+        # A hash still running finishes on its thread; nobody waits for it.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def passwords_ctx(app: web.Application) -> AsyncIterator[None]:
+    passwords = Passwords(workers=os.cpu_count() or 2)
+    app[keys.PASSWORDS] = passwords
+    yield
+    passwords.close()
+
+
+def password_bytes(password: str) -> bytes | None:
+    """The UTF-8 bytes bcrypt sees, or None if the text cannot be encoded (lone surrogates)."""
+    try:
+        return password.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
+# --- validation and the handler ------------------------------------------------------------
+
+
+def check_email(data: dict[str, Any], errors: list[dict[str, str]]) -> str:
+    email = data.get("email")
+    if "email" not in data:
+        return ""
+    if not isinstance(email, str):
+        errors.append({"pointer": "/email", "detail": "must be a string"})
+    elif len(email) > MAX_EMAIL_CHARS or not _EMAIL.fullmatch(email):
+        errors.append({"pointer": "/email", "detail": "must be an email address"})
+    else:
+        return email
+    return ""
+
+
+def check_password(data: dict[str, Any], errors: list[dict[str, str]]) -> bytes:
+    password = data.get("password")
+    if "password" not in data:
+        return b""
+    if not isinstance(password, str):
+        errors.append({"pointer": "/password", "detail": "must be a string"})
+        return b""
+    encoded = password_bytes(password)
+    if encoded is None:
+        errors.append({"pointer": "/password", "detail": "must be valid Unicode"})
+    elif not MIN_PASSWORD_BYTES <= len(encoded) <= MAX_PASSWORD_BYTES:
+        errors.append(
+            {
+                "pointer": "/password",
+                "detail": f"must be {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes in UTF-8",
+            }
+        )
+    else:
+        return encoded
+    return b""
+
+
+async def read_new_user(request: web.Request) -> tuple[str, bytes]:
+    errors: list[dict[str, str]] = []
+    data = check_object(await read_json(request), ("email", "password"), errors)
+    email = check_email(data, errors)
+    password = check_password(data, errors)
+    if errors:
+        raise ValidationFailed("the user body is invalid", errors=errors)
+    return email, password
+
+
+async def create_user(request: web.Request) -> web.Response:
+    email, password = await read_new_user(request)
+    password_hash = await request.app[keys.PASSWORDS].hash(password)
+    async with connection(request) as conn:
+        try:
+            user = await insert(conn, email, password_hash)
+        except DuplicateEmail:
+            raise Conflict("a user with that email exists") from None
+    return web.json_response(
+        {"id": str(user.id), "email": user.email}, status=201, dumps=counters.dumps
+    )
