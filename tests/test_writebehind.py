@@ -56,7 +56,7 @@ def test_settle_of_a_stale_batch_keeps_the_current_one() -> None:
     agg.add("a", 1)
     batch = agg.freeze()
     assert batch is not None
-    agg.settle(Batch("r", 99, [], [], 0.0, []))
+    agg.settle(Batch("r", 99, [], [], 0.0))
     assert agg.in_flight is batch
 
 
@@ -100,7 +100,8 @@ def test_per_key_sums_outside_bigint_are_split_out() -> None:
     batch = agg.freeze()
     assert batch is not None
     assert batch.keys == ["fine"]
-    assert batch.overflowed == ["huge"]
+    assert batch.wide == {"huge": 1100 * (2**53 - 1)}
+    assert agg.snapshot() == {"fine": 1, "huge": 1100 * (2**53 - 1)}
 
 
 @settings(max_examples=300, deadline=None)
@@ -151,7 +152,7 @@ def test_property_nothing_is_lost_or_counted_twice(
 
 def _batch(seq: int, deltas: dict[str, int], replica: str = "r1") -> Batch:
     keys = sorted(deltas)
-    return Batch(replica, seq, keys, [deltas[k] for k in keys], 0.0, [])
+    return Batch(replica, seq, keys, [deltas[k] for k in keys], 0.0)
 
 
 async def _counters(pg: asyncpg.Connection) -> dict[str, int]:
@@ -226,3 +227,21 @@ async def test_close_without_postgres_reports_what_is_lost(
     lost = [r for r in caplog.records if getattr(r, "event", None) == "shutdown"]
     assert len(lost) == 1
     assert (lost[0].keys, lost[0].sum) == (2, 3)  # type: ignore[attr-defined]
+
+
+async def test_a_delta_wider_than_bigint_applies_when_the_total_fits(
+    clean: None, pg: asyncpg.Connection
+) -> None:
+    """The spec rejects a delta only when the stored total would leave bigint: a summed delta
+    above 2^63 still lands on a counter far enough below zero."""
+    wide = 1100 * (2**53 - 1)  # about 9.9e18 > 2^63 - 1
+    await pg.execute(
+        "INSERT INTO counters VALUES ('deep', $1, now()), ('shallow', 0, now())", -(2**62)
+    )
+    batch = Batch("r1", 1, ["ok"], [1], 0.0, {"deep": wide, "shallow": wide, "new": wide})
+    applied = await apply_batch(pg, batch, statement_timeout=10)
+    assert sorted(applied.rejected) == ["new", "shallow"]
+    assert await _counters(pg) == {"deep": wide - 2**62, "shallow": 0, "ok": 1}
+    retried = await apply_batch(pg, batch, statement_timeout=10)
+    assert not retried.fresh
+    assert (await _counters(pg))["deep"] == wide - 2**62, "counted once"

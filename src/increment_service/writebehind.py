@@ -27,11 +27,15 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from .db import Connection
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,9 @@ class Batch:
     keys: list[str]  # sorted, so every replica locks rows in the same order
     deltas: list[int]
     oldest: float  # monotonic time of the batch's oldest delta
-    overflowed: list[str]  # keys whose summed delta alone leaves the bigint range
+    # Keys whose delta summed over the interval does not fit a bigint (thousands of huge
+    # increments to one key): sent as numeric, applied if the stored total still fits.
+    wide: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Aggregator:
@@ -104,17 +110,13 @@ class Aggregator:
         self._pending, self._pending_since = {}, None
         keys = sorted(pending)
         deltas = [pending[k] for k in keys]
-        overflowed = [
-            k for k, d in zip(keys, deltas, strict=True) if not INT64_MIN <= d <= INT64_MAX
-        ]
-        if overflowed:
-            kept = [
-                (k, d) for k, d in zip(keys, deltas, strict=True) if INT64_MIN <= d <= INT64_MAX
-            ]
-            keys, deltas = [k for k, _ in kept], [d for _, d in kept]
+        wide = {k: d for k, d in zip(keys, deltas, strict=True) if not INT64_MIN <= d <= INT64_MAX}
+        if wide:
+            keys = [k for k in keys if k not in wide]
+            deltas = [pending[k] for k in keys]
         self._seq += 1
         assert since is not None  # a non-empty dict always has a start time
-        self.in_flight = Batch(self.replica_id, self._seq, keys, deltas, since, overflowed)
+        self.in_flight = Batch(self.replica_id, self._seq, keys, deltas, since, wide)
         return self.in_flight
 
     def settle(self, batch: Batch) -> None:
@@ -125,7 +127,7 @@ class Aggregator:
     @property
     def pending_keys(self) -> int:
         in_flight = self.in_flight
-        return len(self._pending) + (len(in_flight.keys) if in_flight else 0)
+        return len(self._pending) + (len(in_flight.keys) + len(in_flight.wide) if in_flight else 0)
 
     @property
     def is_empty(self) -> bool:
@@ -144,16 +146,19 @@ class Aggregator:
         """Everything not yet persisted, per key (for tests and shutdown accounting)."""
         totals = dict(self._pending)
         if self.in_flight is not None:
-            for key, delta in zip(self.in_flight.keys, self.in_flight.deltas, strict=True):
+            batch = zip(self.in_flight.keys, self.in_flight.deltas, strict=True)
+            for key, delta in [*batch, *self.in_flight.wide.items()]:
                 totals[key] = totals.get(key, 0) + delta
         return totals
 
 
 # One statement, one implicit transaction: the batch id is recorded and the deltas are added
 # together or not at all. If the id is already recorded (a retry after an ambiguous commit),
-# `fresh` is empty, so `delta` is empty and nothing is added. A key whose new total would leave
-# bigint is not updated (the WHERE of DO UPDATE) and is reported back as rejected; every other
-# key of the batch is still applied.
+# `fresh` is empty, so `delta` and `wide` are empty and nothing is added. A key whose new total
+# would leave bigint is not updated (the WHERE of DO UPDATE) and is reported back as rejected;
+# every other key of the batch is still applied. `wide` holds the rare deltas that do not fit a
+# bigint themselves ($5/$6, almost always empty): they can only update an existing row whose
+# total then still fits, since a new row would hold the delta itself.
 APPLY_BATCH_SQL = """
 WITH fresh AS (
     INSERT INTO applied_batches (replica_id, seq, applied_at)
@@ -172,10 +177,25 @@ WITH fresh AS (
         WHERE c.value::numeric + excluded.value
               BETWEEN -9223372036854775808 AND 9223372036854775807
     RETURNING c.key
+), wide AS (
+    SELECT w.key, w.delta
+    FROM unnest($5::text[], $6::numeric[]) AS w (key, delta)
+    WHERE EXISTS (SELECT FROM fresh)
+), widened AS (
+    UPDATE counters AS c
+    SET value = (c.value + w.delta)::bigint, updated_at = now()
+    FROM wide AS w
+    WHERE c.key = w.key
+      AND c.value + w.delta BETWEEN -9223372036854775808 AND 9223372036854775807
+    RETURNING c.key
 )
 SELECT
     EXISTS (SELECT FROM fresh) AS fresh,
-    ARRAY (SELECT key FROM delta EXCEPT ALL SELECT key FROM upserted) AS rejected
+    ARRAY (
+        (SELECT key FROM delta EXCEPT ALL SELECT key FROM upserted)
+        UNION ALL
+        (SELECT key FROM wide EXCEPT ALL SELECT key FROM widened)
+    ) AS rejected
 """
 
 PRUNE_SQL = "DELETE FROM applied_batches WHERE applied_at < now() - interval '1 day'"
@@ -194,6 +214,8 @@ async def apply_batch(conn: Connection, batch: Batch, statement_timeout: float) 
         batch.seq,
         batch.keys,
         batch.deltas,
+        list(batch.wide),
+        list(batch.wide.values()),
         timeout=statement_timeout,
     )
     assert row is not None  # the outer SELECT always returns exactly one row
@@ -211,6 +233,7 @@ class WriteBehind:
         replica_id: str,
         flush_interval: float,
         max_pending_keys: int,
+        tracer: Tracer | None = None,
     ) -> None:
         # A fresh suffix per process start: seq restarts at 1, and a batch id must never
         # collide with one recorded by an earlier incarnation of the same replica.
@@ -219,6 +242,7 @@ class WriteBehind:
         self.pool = pool
         self.metrics = metrics
         self.flush_interval = flush_interval
+        self.tracer = tracer
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
         self._last_prune = time.monotonic()
@@ -271,13 +295,22 @@ class WriteBehind:
         if batch is None:
             return True
         started = time.perf_counter()
+        span = (
+            self.tracer.start_as_current_span(
+                "increment.flush",
+                attributes={"increment.seq": batch.seq, "increment.keys": len(batch.keys)},
+            )
+            if self.tracer is not None
+            else contextlib.nullcontext()
+        )
         try:
             # An interval for the pool to hand out (or open) a connection; past the statement
             # timeout the outcome is unknown, and the retry of the same batch id settles it.
-            async with self.pool.acquire(timeout=self.flush_interval) as conn:
-                applied = await apply_batch(
-                    conn, batch, statement_timeout=max(5.0, self.flush_interval)
-                )
+            with span:
+                async with self.pool.acquire(timeout=self.flush_interval) as conn:
+                    applied = await apply_batch(
+                        conn, batch, statement_timeout=max(5.0, self.flush_interval)
+                    )
         except Exception as exc:  # noqa: BLE001 -- the flusher must survive any failure
             self._failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -301,9 +334,8 @@ class WriteBehind:
         self.aggregator.settle(batch)
         self.metrics.flush_duration.observe(duration)
         self.metrics.flush_keys.observe(len(batch.keys))
-        rejected = [*batch.overflowed, *applied.rejected]
-        if rejected:
-            self._reject(batch, rejected)
+        if applied.rejected:
+            self._reject(batch, applied.rejected)
         log.info(
             "flush applied",
             extra={
