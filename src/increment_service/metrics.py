@@ -118,6 +118,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # Every known label value from the start: a series that appears only at its first
+        # event hides that event from rate() and increase().
+        for outcome in ("success", "failure", "throttled"):
+            self.logins.labels(outcome)
+        for result in ("hit", "miss"):
+            self.session_cache.labels(result)
         # .labels() parses and hashes its arguments on every call; the label sets are few.
         self._request_children: dict[tuple[str, str, int], Histogram] = {}
 
