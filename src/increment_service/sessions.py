@@ -24,8 +24,8 @@ import re
 import secrets
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import aiohttp_session
 import orjson
@@ -33,6 +33,7 @@ import redis.asyncio
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp_session.redis_storage import RedisStorage
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from . import counters, keys, throttle, users
@@ -42,6 +43,7 @@ from .settings import Settings
 from .validation import check_object, read_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COOKIE_NAME = "INCREMENT_SESSION"
 REVOCATION_CHANNEL = "INCREMENT_SESSION:revoked"
@@ -132,6 +134,10 @@ class Sessions:
         # Bumped by every eviction: a lookup that started before one does not cache its result
         # (it may have read a session that has been deleted since).
         self._epoch = 0
+        # Set at shutdown. Cancelling the subscriber alone is not enough: a cancel that lands
+        # as redis-py's read timeout fires is swallowed (asyncio.timeout, Python 3.11), and
+        # the loop would carry on; it checks this flag at least once a second.
+        self.closing = False
         self._hit = metrics.session_cache.labels(result="hit")
         self._miss = metrics.session_cache.labels(result="miss")
 
@@ -165,17 +171,23 @@ class Sessions:
 
     # -- lookups --
 
-    async def lookup(self, session_id: str) -> SessionInfo | None:
-        """The live session with this id, or None. RedisError/TimeoutError if Redis fails."""
-        started = time.monotonic()
+    def cached(self, session_id: str) -> SessionInfo | None:
+        """The session from this replica's cache if the entry is fresh; no Redis, no await."""
         entry = self._cache.get(session_id)
-        if entry is not None and entry.fresh_until > started:
-            if time.time() < entry.info.expires_at:
-                self._hit.inc()
-                return entry.info
-            self._cache.pop(session_id, None)
+        if entry is None:
+            return None
+        if entry.fresh_until > time.monotonic() and time.time() < entry.info.expires_at:
+            self._hit.inc()
+            return entry.info
+        # Stale, or past the deadline this replica knows of (another replica may have seen
+        # the session since): ask Redis.
+        self._cache.pop(session_id, None)
+        return None
+
+    async def fetch(self, session_id: str) -> SessionInfo | None:
+        """The live session from Redis (touched and cached), or None. Raises if Redis fails."""
         self._miss.inc()
-        epoch = self._epoch
+        started, epoch = time.monotonic(), self._epoch
         info = await self._load(session_id)
         if info is not None and epoch == self._epoch:
             # Fresh from when the read started, so a revocation is honoured within cache_ttl.
@@ -192,11 +204,12 @@ class Sessions:
             session = data["session"]
             user_id = str(session["user_id"])
             created_at = float(session["created_at"])
+            last_seen = float(session["last_seen"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             # Not a session this service wrote (or an emptied one): no session.
             return None
         now = time.time()
-        if now >= self._expires_at(created_at, float(session.get("last_seen", 0.0))):
+        if now >= self._expires_at(created_at, last_seen):
             # Redis expires keys on the same deadlines; this catches settings shortened since
             # the session was written, and clock skew between replicas.
             await self.redis.delete(key)
@@ -228,7 +241,7 @@ class Sessions:
         """
         delay = 0.1
         connected = True
-        while True:
+        while not self.closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(REVOCATION_CHANNEL)
@@ -236,7 +249,7 @@ class Sessions:
                 if not connected:
                     log.info("session revocations: subscribed again", extra={"event": "redis"})
                 connected, delay = True, 0.1
-                while True:
+                while not self.closing:
                     # A timeout rather than blocking: each call also runs redis-py's health
                     # check, which notices a connection that died without a FIN.
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -267,6 +280,7 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.SESSIONS] = sessions
     task = asyncio.create_task(sessions.listen_for_revocations(), name="session revocations")
     yield
+    sessions.closing = True
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -278,20 +292,31 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError, TimeoutError) as exc:
-        raise ServiceUnavailable(
-            "the session store is unavailable; retry later", headers={"Retry-After": "1"}
-        ) from exc
+        raise _unavailable() from exc
 
 
-@contextlib.asynccontextmanager
-async def redis_call() -> AsyncIterator[None]:
-    """Redis calls made while a client waits: bounded in time, and a 503 when Redis fails.
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "the session store is unavailable; retry later", headers={"Retry-After": "1"}
+    )
 
-    The client's own socket timeouts do not bound a call: redis-py retries on errors.
+
+async def redis_call(client: redis.asyncio.Redis, call: Callable[[], Awaitable[T]]) -> T:
+    """Redis work done while a client waits: bounded in time, a 503 when Redis fails.
+
+    After a Redis restart every idle pooled connection is dead, and the pool (no retries, see
+    redis_client.py) would hand them out one by one, failing one request each. On a
+    connection error the idle connections are dropped and ``call`` runs once more on a fresh
+    one. Every ``call`` here is safe to repeat: reads, SET XX, DEL, PUBLISH; a repeated
+    throttle update leaves a count off by one at most.
     """
     with redis_errors():
         async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
-            yield
+            try:
+                return await call()
+            except RedisConnectionError:
+                await client.connection_pool.disconnect(inuse_connections=False)
+                return await call()
 
 
 @web.middleware
@@ -299,8 +324,10 @@ async def _session_middleware(request: web.Request, handler: Handler) -> web.Str
     # aiohttp-session's middleware, made at start-up (its storage needs the Redis client).
     # It loads nothing by itself: only get_session/new_session touch Redis, and it saves only
     # a session that was loaded and changed, so routes that never ask stay Redis-free.
-    with redis_errors():
+    try:
         return await request.app[keys.SESSIONS].middleware(request, handler)
+    except RedisError as exc:  # the save after a login (handlers map their own Redis errors)
+        raise _unavailable() from exc
 
 
 def middleware() -> Middleware:
@@ -331,8 +358,11 @@ async def current_session(request: web.Request) -> SessionInfo | None:
     session_id = cookie_session_id(request)
     if session_id is None:
         return None
-    async with redis_call():
-        return await request.app[keys.SESSIONS].lookup(session_id)
+    sessions = request.app[keys.SESSIONS]
+    # The hot path: a cache hit costs no Redis round trip and no timeout handle.
+    return sessions.cached(session_id) or await redis_call(
+        sessions.redis, lambda: sessions.fetch(session_id)
+    )
 
 
 async def require_session(request: web.Request) -> SessionInfo:
@@ -370,12 +400,11 @@ async def login(request: web.Request) -> web.Response:
     subjects = throttle.Subjects.of(
         email, throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
     )
-    async with redis_call():
-        try:
-            await throttle.count_attempt(sessions.redis, subjects)
-        except TooManyRequests:
-            logins.labels(outcome="throttled").inc()
-            raise
+    try:
+        await redis_call(sessions.redis, lambda: throttle.count_attempt(sessions.redis, subjects))
+    except TooManyRequests:
+        logins.labels(outcome="throttled").inc()
+        raise
     async with users.connection(request) as conn:
         user = await users.find_by_email(conn, email)
     # Unknown email and wrong password take the same path: one bcrypt check, one answer.
@@ -383,13 +412,16 @@ async def login(request: web.Request) -> web.Response:
         logins.labels(outcome="failure").inc()
         raise Unauthorized(BAD_CREDENTIALS)
     assert user is not None  # verify() is False without a stored hash
-    async with redis_call():
+    # Rotation: whatever id the browser brought (a planted one included) ends here; the
+    # session below gets a fresh id from new_session.
+    previous = cookie_session_id(request)
+
+    async def succeeded() -> None:
         await throttle.record_success(sessions.redis, subjects)
-        # Rotation: whatever id the browser brought (a planted one included) ends here; the
-        # session below gets a fresh id from new_session.
-        previous = cookie_session_id(request)
         if previous is not None:
             await sessions.revoke(previous)
+
+    await redis_call(sessions.redis, succeeded)
     session = await aiohttp_session.new_session(request)
     session.update(sessions.initial_data(str(user.id), time.time()))
     session.max_age = sessions.initial_ttl_seconds()  # the Redis expiry (see SessionStorage)
@@ -409,8 +441,7 @@ async def logout(request: web.Request) -> web.Response:
     session_id = cookie_session_id(request)
     sessions = request.app[keys.SESSIONS]
     if session_id is not None:
-        async with redis_call():
-            await sessions.revoke(session_id)
+        await redis_call(sessions.redis, lambda: sessions.revoke(session_id))
     response = web.Response(status=204)
     sessions.storage.save_cookie(response, "")  # aiohttp-session's way to delete the cookie
     return response
