@@ -30,8 +30,9 @@ WORKDIR /build
 # everything else (tests, caches, .git, local data, .env) out of the context.
 COPY . .
 
+# The tracing extra too: OTEL_EXPORTER_OTLP_ENDPOINT then works without another image.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/venv/bin/pip install /wheels/*.whl \
+ && /opt/venv/bin/pip install "$(ls /wheels/*.whl)[tracing]" \
  && /opt/venv/bin/pip check \
  && /opt/venv/bin/python -c "import increment_service, increment_service.schema"
 

@@ -63,6 +63,8 @@ SERVICE_SETTINGS: dict[str, str | None] = {
     "SHUTDOWN_TIMEOUT_SECONDS": "15",
     "AUTO_MIGRATE": "true",
     "REPLICA_ID": None,
+    "OTEL_EXPORTER_OTLP_ENDPOINT": None,
+    "TRUSTED_PROXIES": None,
 }
 
 # Endpoints the service serves (SPEC.md) that probes and health checks may use.

@@ -15,18 +15,22 @@ from .settings import Settings
 from .validation import MAX_BODY_BYTES
 from .writebehind import WriteBehind
 
+TRACER_NAME = "increment_service"
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def write_behind_ctx(app: web.Application) -> AsyncIterator[None]:
     """Registered after Postgres and Redis, so its final flush runs while both are open."""
     settings = app[keys.SETTINGS]
+    provider = app.get(keys.TRACER_PROVIDER)
     write_behind = WriteBehind(
         app[keys.PG_POOL],
         app[keys.METRICS],
         replica_id=settings.replica_id,
         flush_interval=settings.flush_interval_seconds,
         max_pending_keys=settings.max_pending_keys,
+        tracer=provider.get_tracer(TRACER_NAME) if provider is not None else None,
     )
     app[keys.WRITE_BEHIND] = write_behind
     write_behind.start()
@@ -66,6 +70,14 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
+    if settings.otel_exporter_otlp_endpoint is not None:
+        # Only now is OpenTelemetry imported: off, tracing costs nothing.
+        from .tracing import make_provider, tracing_ctx, tracing_middleware
+
+        provider = make_provider(settings.otel_exporter_otlp_endpoint, settings.replica_id)
+        app[keys.TRACER_PROVIDER] = provider
+        app.middlewares.insert(0, tracing_middleware(provider.get_tracer(TRACER_NAME)))
+        app.cleanup_ctx.append(tracing_ctx)  # first in, last out: exports the final flush
     app.cleanup_ctx.extend(
         [
             pg_ctx,

@@ -12,6 +12,8 @@ from .metrics import Metrics
 from .settings import Settings
 
 if TYPE_CHECKING:  # imported for annotations only: these modules import keys
+    from opentelemetry.sdk.trace import TracerProvider
+
     from .sessions import Sessions
     from .users import Passwords
     from .writebehind import WriteBehind
@@ -23,3 +25,5 @@ REDIS = web.AppKey("redis", redis.asyncio.Redis)
 WRITE_BEHIND: web.AppKey[WriteBehind] = web.AppKey("write_behind")
 SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
+#: Only set when tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT).
+TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")

@@ -40,6 +40,8 @@ class Settings:
     shutdown_timeout_seconds: float = 15.0
     auto_migrate: bool = True
     replica_id: str = dataclasses.field(default_factory=socket.gethostname)
+    # OpenTelemetry's own variable: set, spans are exported there over OTLP/HTTP.
+    otel_exporter_otlp_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -108,6 +110,7 @@ class Settings:
         read("SHUTDOWN_TIMEOUT_SECONDS", _finite_float)
         read("AUTO_MIGRATE", _bool)
         read("REPLICA_ID", str)
+        read("OTEL_EXPORTER_OTLP_ENDPOINT", _url(("http", "https")))
         if "data_dir" not in values and env.get("XDG_DATA_HOME"):
             values["data_dir"] = Path(env["XDG_DATA_HOME"]) / "increment-service"
         return dataclasses.replace(defaults, **values)
