@@ -203,6 +203,17 @@ async def test_counters_need_a_session(api: TestClient) -> None:
     assert body["value"] == 5
     assert datetime.fromisoformat(body["updatedAt"]).tzinfo is not None
     await assert_problem(await api.get("/api/counters/never", headers=cookie_header(sid)), 404)
+    too_long = "k" * 257  # no key this long can exist: 404 without asking Postgres
+    await assert_problem(
+        await api.get(f"/api/counters/{too_long}", headers=cookie_header(sid)), 404
+    )
+    slashed = await api.post(
+        "/api/increment", json={"key": "a/b c", "value": 2}, headers=cookie_header(sid)
+    )
+    assert slashed.status == 202
+    await api.app[keys.WRITE_BEHIND].flush()
+    response = await api.get("/api/counters/a/b%20c", headers=cookie_header(sid))
+    assert (await response.json())["value"] == 2, "the rest of the path is the key, decoded"
 
     for headers in ({}, cookie_header("not-a-session"), cookie_header("x" * 43)):
         body = await assert_problem(await api.get("/api/counters/c", headers=headers), 401)

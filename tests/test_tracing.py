@@ -53,17 +53,26 @@ async def test_requests_and_flushes_are_exported_over_otlp(
     )
     assert response.status == 202
     assert (await client.get("/api/counters/x")).status == 401
+    app[keys.WRITE_BEHIND].aggregator.max_pending_keys = 1  # the next new key is refused
+    assert (await client.post("/increment", json={"key": "other", "value": 1})).status == 503
     await app[keys.WRITE_BEHIND].flush()
     await client.close()  # shutting down exports what is left
 
     spans = {span.name: span for span in _spans(received)}
     assert {"POST /increment", "GET /api/counters/{key}", "increment.flush"} <= set(spans)
-    request_span = spans["POST /increment"]
+    request_span = next(s for s in _spans(received) if s.trace_id.hex() == TRACE_ID)
     assert request_span.trace_id.hex() == TRACE_ID, "the caller's trace is continued"
     assert request_span.kind == Span.SPAN_KIND_SERVER
     assert _attributes(request_span)["http.response.status_code"] == 202
     assert _attributes(request_span)["http.route"] == "/increment"
     assert _attributes(spans["increment.flush"])["increment.keys"] == 1
+    by_status = {
+        _attributes(s)["http.response.status_code"]: s
+        for s in _spans(received)
+        if s.kind == Span.SPAN_KIND_SERVER
+    }
+    assert by_status[503].status.code == by_status[503].status.STATUS_CODE_ERROR
+    assert by_status[202].status.code != by_status[202].status.STATUS_CODE_ERROR
 
 
 async def test_tracing_is_absent_when_not_configured(settings: Settings) -> None:

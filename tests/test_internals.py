@@ -1,0 +1,129 @@
+"""Paths that traffic rarely takes: the supervisor losing a worker, migrations waiting for
+Postgres, pruning, the 500 fallback, log formats. Each is caused for real."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import psutil
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from increment_service import keys
+from increment_service.db import migrate_with_retry
+from increment_service.errors import problem_middleware
+from increment_service.logs import ConsoleFormatter, JsonFormatter
+from tests.support import ServiceProcess, free_port
+
+
+def test_supervisor_stops_every_worker_when_one_dies(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """WORKERS=2 and one worker is SIGKILLed: the supervisor stops the other (which flushes)
+    and exits non-zero, so an orchestrator restarts the whole replica."""
+    service = ServiceProcess(
+        {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "WORKERS": "2"},
+        tmp_path / "supervisor.log",
+    ).start()
+    try:
+        assert service.process is not None
+        supervisor = psutil.Process(service.process.pid)
+
+        def workers() -> list[psutil.Process]:
+            # multiprocessing's resource tracker is a child too; workers run spawn_main.
+            return [
+                c for c in supervisor.children() if "resource_tracker" not in " ".join(c.cmdline())
+            ]
+
+        deadline = time.monotonic() + 30
+        while len(workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first, second = workers()
+        first.send_signal(signal.SIGKILL)
+        assert service.wait(timeout=30) == 1
+        assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE
+        assert "a worker exited; stopping the others" in service.log()
+    finally:
+        service.stop()
+
+
+def test_migrations_wait_for_postgres_then_give_up() -> None:
+    started = time.monotonic()
+    with pytest.raises(OSError, match=r"Connect call failed|Connection refused"):
+        migrate_with_retry(f"postgresql://postgres@127.0.0.1:{free_port()}/none", timeout=1.5)
+    assert time.monotonic() - started >= 0.5, "it retried before giving up"
+
+
+async def test_old_batch_ids_are_pruned(client: TestClient, pg: asyncpg.Connection) -> None:
+    await pg.execute(
+        "INSERT INTO applied_batches VALUES ('gone', 1, now() - interval '25 hours'),"
+        " ('kept', 1, now() - interval '23 hours')"
+    )
+    write_behind = client.app[keys.WRITE_BEHIND]
+    write_behind._last_prune = 0.0  # as if the last prune was long ago
+    await write_behind._maybe_prune()
+    rows = await pg.fetch("SELECT replica_id FROM applied_batches")
+    assert [r["replica_id"] for r in rows] == ["kept"]
+
+
+async def test_an_unexpected_error_is_a_500_problem_and_redirects_pass(
+    aiohttp_client, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_get("/broken", broken)
+    app.router.add_get("/moved", moved)
+    client = await aiohttp_client(app)
+    response = await client.get("/broken")
+    assert response.status == 500
+    assert response.content_type == "application/problem+json"
+    body = await response.json(content_type=None)
+    assert "a bug" not in str(body), "no internals leak to the client"
+    assert any(r.exc_info for r in caplog.records), "the trace goes to the log"
+    redirect = await client.get("/moved", allow_redirects=False)
+    assert redirect.status == 302
+
+
+def _record(exc: bool) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "hello %s", ("you",), exc_info)
+    record.event = "flush"
+    record.keys = 3
+    return record
+
+
+def test_json_log_lines_carry_the_extra_fields_and_the_trace() -> None:
+    import json
+
+    line = json.loads(JsonFormatter().format(_record(exc=True)))
+    assert (line["msg"], line["level"], line["event"], line["keys"]) == (
+        "hello you",
+        "error",
+        "flush",
+        3,
+    )
+    assert "ValueError: boom" in line["exc"]
+
+
+def test_console_log_lines_are_for_humans() -> None:
+    text = ConsoleFormatter().format(_record(exc=True))
+    first = text.splitlines()[0]
+    assert "ERROR" in first
+    assert "hello you event=flush keys=3" in first
+    assert "ValueError: boom" in text
