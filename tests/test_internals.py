@@ -3,6 +3,8 @@ Postgres, pruning, the 500 fallback, log formats. Each is caused for real."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -16,9 +18,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from increment_service import keys
+from increment_service.app import create_app
 from increment_service.db import migrate_with_retry
 from increment_service.errors import problem_middleware
 from increment_service.logs import ConsoleFormatter, JsonFormatter
+from increment_service.settings import Settings
 from tests.support import ServiceProcess, free_port
 
 
@@ -109,8 +113,6 @@ def _record(exc: bool) -> logging.LogRecord:
 
 
 def test_json_log_lines_carry_the_extra_fields_and_the_trace() -> None:
-    import json
-
     line = json.loads(JsonFormatter().format(_record(exc=True)))
     assert (line["msg"], line["level"], line["event"], line["keys"]) == (
         "hello you",
@@ -127,3 +129,27 @@ def test_console_log_lines_are_for_humans() -> None:
     assert "ERROR" in first
     assert "hello you event=flush keys=3" in first
     assert "ValueError: boom" in text
+
+
+async def test_each_request_is_logged_once_as_json(
+    aiohttp_client, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(dataclasses.replace(settings, access_log=True, log_level="INFO"))
+    client = await aiohttp_client(app)
+    await client.post("/increment", json={"key": "a", "value": 1}, headers={"X-Request-ID": "r-1"})
+    await client.get("/api/counters/x")
+    await client.close()  # shutdown writes what the sampler has not yet
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    requests = [line for line in lines if line.get("event") == "request"]
+    assert [(r["method"], r["route"], r["status"]) for r in requests] == [
+        ("POST", "/increment", 202),
+        ("GET", "/api/counters/{key}", 401),
+    ]
+    assert requests[0]["request_id"] == "r-1"
+    assert requests[0]["logger"] == "increment_service.access"
+    assert requests[0]["duration"] >= 0
+
+
+def test_access_log_is_off_above_info(settings: Settings) -> None:
+    quiet = create_app(dataclasses.replace(settings, access_log=True, log_level="WARNING"))
+    assert keys.ACCESS_LOG not in quiet

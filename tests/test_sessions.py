@@ -646,7 +646,7 @@ def test_the_session_middleware_warning_is_silenced_precisely() -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("error")
-        sessions.middleware()
+        sessions.with_session_middleware(sessions.login)
         warnings.warn_explicit(
             "It is recommended to use web.RequestKey instances for keys.",
             web.NotAppKeyWarning,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -9,7 +10,8 @@ from aiohttp import web
 from . import keys, openapi, sessions, users, views
 from .db import pg_ctx
 from .errors import problem_middleware
-from .metrics import Metrics, loop_lag_ctx, metrics_handler, observe_middleware
+from .logs import AccessLog
+from .metrics import Metrics, metrics_handler, observe_middleware, sampler_ctx
 from .redis_client import redis_ctx
 from .settings import Settings
 from .validation import MAX_BODY_BYTES
@@ -60,16 +62,19 @@ def create_app(settings: Settings) -> web.Application:
     if settings.database_url is None or settings.redis_url is None:
         raise ValueError("create_app needs database_url and redis_url (embedded.py fills them)")
     metrics = Metrics()
+    log_requests = settings.access_log and logging.getLevelName(settings.log_level) <= logging.INFO
+    access_log = AccessLog(settings.log_format) if log_requests else None
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[
-            observe_middleware(metrics, settings.access_log),
+            observe_middleware(metrics, access_log),
             problem_middleware,
-            sessions.middleware(),
         ],
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
+    if access_log is not None:
+        app[keys.ACCESS_LOG] = access_log
     if settings.otel_exporter_otlp_endpoint is not None:
         # Only now is OpenTelemetry imported: off, tracing costs nothing.
         from .tracing import make_provider, tracing_ctx, tracing_middleware
@@ -85,7 +90,7 @@ def create_app(settings: Settings) -> web.Application:
             sessions.sessions_ctx,  # after redis_ctx: it needs the client
             users.passwords_ctx,
             write_behind_ctx,
-            loop_lag_ctx,
+            sampler_ctx,
         ]
     )
 
@@ -96,7 +101,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/api/increment", guarded(views.increment))
     app.router.add_get("/api/counters/{key:.+}", guarded(views.get_counter))
     app.router.add_post("/api/users", users.create_user)
-    app.router.add_post("/api/sessions", sessions.login)
+    app.router.add_post("/api/sessions", sessions.with_session_middleware(sessions.login))
     app.router.add_get("/api/sessions", sessions.read)
     app.router.add_delete("/api/sessions", sessions.logout)
     app.router.add_get("/api/health", views.health)

@@ -8,6 +8,7 @@ import asyncpg
 import redis.asyncio
 from aiohttp import web
 
+from .logs import AccessLog
 from .metrics import Metrics
 from .settings import Settings
 
@@ -27,3 +28,5 @@ SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 #: Only set when tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT).
 TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")
+#: Only set when requests are logged (ACCESS_LOG, and LOG_LEVEL at INFO or below).
+ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")

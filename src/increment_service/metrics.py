@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import os
 import secrets
 import time
@@ -28,8 +27,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import keys
-
-access_log = logging.getLogger("increment_service.access")
+from .logs import AccessLog
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -59,7 +57,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "http_requests_in_flight",
-            "Requests being handled right now.",
+            "Requests being handled, sampled twice a second.",
             multiprocess_mode="livesum",
             registry=r,
         )
@@ -124,6 +122,7 @@ class Metrics:
             self.logins.labels(outcome)
         for result in ("hit", "miss"):
             self.session_cache.labels(result)
+        self.requests_in_flight = 0  # sampled into `in_flight` by sampler_ctx
         # .labels() parses and hashes its arguments on every call; the label sets are few.
         self._request_children: dict[tuple[str, str, int], Histogram] = {}
 
@@ -169,7 +168,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def observe_middleware(
-    metrics: Metrics, log_requests: bool
+    metrics: Metrics, access_log: AccessLog | None
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Times every request, counts it in flight, tags it with a request id and logs it."""
     request_id = RequestIds()
@@ -178,7 +177,9 @@ def observe_middleware(
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         rid = request_id(request)
-        metrics.in_flight.inc()
+        # A plain count, sampled into the gauge: with WORKERS>1 every gauge update is a locked
+        # write to a shared file, twice per request.
+        metrics.requests_in_flight += 1
         status = 500  # what the client sees if the handler is cancelled mid-way
         try:
             response = await handler(request)
@@ -186,15 +187,14 @@ def observe_middleware(
             response.headers["X-Request-ID"] = rid
             return response
         finally:
-            metrics.in_flight.dec()
+            metrics.requests_in_flight -= 1
             duration = time.perf_counter() - started
             method = request.method if request.method in _METHODS else "OTHER"
             route = route_label(request)
             metrics.observe_request(method, route, status, duration)
-            if log_requests:
-                access_log.info(
-                    "request",
-                    extra={
+            if access_log is not None:
+                access_log.write(
+                    {
                         "event": "request",
                         "method": method,
                         "route": route,
@@ -202,7 +202,7 @@ def observe_middleware(
                         "status": status,
                         "duration": round(duration, 6),
                         "request_id": rid,
-                    },
+                    }
                 )
 
     return observe
@@ -213,19 +213,26 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Samples how late the event loop wakes up: the cost every request pays for a busy loop."""
-    gauge = app[keys.METRICS].loop_lag
+async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Twice a second: how late the event loop wakes up (the cost every request pays for a
+    busy loop), how many requests are in flight, and the access log's lines out to stdout."""
+    metrics = app[keys.METRICS]
+    access_log = app.get(keys.ACCESS_LOG)
     interval = 0.5
 
     async def sample() -> None:
         while True:
             before = time.perf_counter()
             await asyncio.sleep(interval)
-            gauge.set(max(0.0, time.perf_counter() - before - interval))
+            metrics.loop_lag.set(max(0.0, time.perf_counter() - before - interval))
+            metrics.in_flight.set(metrics.requests_in_flight)
+            if access_log is not None:
+                access_log.flush()
 
-    task = asyncio.create_task(sample(), name="event-loop lag")
+    task = asyncio.create_task(sample(), name="sampler")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    if access_log is not None:
+        access_log.flush()

@@ -330,7 +330,10 @@ async def _session_middleware(request: web.Request, handler: Handler) -> web.Str
         raise _unavailable() from exc
 
 
-def middleware() -> Middleware:
+def with_session_middleware(handler: Handler) -> Handler:
+    """aiohttp-session's middleware around one handler. Only login creates a session through
+    aiohttp-session, so only login pays for its middleware (measured: a middleware on every
+    route cost the hot path several per cent)."""
     # aiohttp-session keeps its storage and session under string request keys, and aiohttp
     # 3.14 warns about every string key (once per key and process) with NotAppKeyWarning. The
     # keys are the library's, not ours to change: silence exactly that warning from there.
@@ -340,7 +343,11 @@ def middleware() -> Middleware:
         category=web.NotAppKeyWarning,
         module=r"aiohttp_session\Z",
     )
-    return _session_middleware
+
+    async def with_session(request: web.Request) -> web.StreamResponse:
+        return await _session_middleware(request, handler)
+
+    return with_session
 
 
 # --- the guard ------------------------------------------------------------------------------
