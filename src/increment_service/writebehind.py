@@ -174,8 +174,10 @@ WITH fresh AS (
     SELECT key, delta, now() FROM delta
     ON CONFLICT (key) DO UPDATE
         SET value = c.value + excluded.value, updated_at = excluded.updated_at
-        WHERE c.value::numeric + excluded.value
-              BETWEEN -9223372036854775808 AND 9223372036854775807
+        -- The sum stays inside bigint, tested without computing it (which would overflow).
+        WHERE CASE WHEN excluded.value >= 0
+                   THEN c.value <= 9223372036854775807 - excluded.value
+                   ELSE c.value >= -9223372036854775808 - excluded.value END
     RETURNING c.key
 ), wide AS (
     SELECT w.key, w.delta
@@ -191,11 +193,15 @@ WITH fresh AS (
 )
 SELECT
     EXISTS (SELECT FROM fresh) AS fresh,
-    ARRAY (
-        (SELECT key FROM delta EXCEPT ALL SELECT key FROM upserted)
-        UNION ALL
-        (SELECT key FROM wide EXCEPT ALL SELECT key FROM widened)
-    ) AS rejected
+    -- Which keys were rejected is only worked out when some were: the counts are cheap, the
+    -- anti-join over a large batch is not, and a CASE runs its subquery only when needed.
+    CASE WHEN (SELECT count(*) FROM upserted) + (SELECT count(*) FROM widened)
+              < (SELECT count(*) FROM delta) + (SELECT count(*) FROM wide)
+         THEN ARRAY (
+             (SELECT key FROM delta EXCEPT ALL SELECT key FROM upserted)
+             UNION ALL
+             (SELECT key FROM wide EXCEPT ALL SELECT key FROM widened))
+         ELSE '{}'::text[] END AS rejected
 """
 
 PRUNE_SQL = "DELETE FROM applied_batches WHERE applied_at < now() - interval '1 day'"
