@@ -153,3 +153,26 @@ async def test_each_request_is_logged_once_as_json(
 def test_access_log_is_off_above_info(settings: Settings) -> None:
     quiet = create_app(dataclasses.replace(settings, access_log=True, log_level="WARNING"))
     assert keys.ACCESS_LOG not in quiet
+
+
+def test_every_module_imports_on_its_own_without_side_effects() -> None:
+    """No circular import hides behind the order app.py happens to import in, and importing
+    starts nothing (no server, no task, no file)."""
+    import pkgutil
+    import subprocess
+
+    import increment_service
+
+    names = [
+        m.name for m in pkgutil.iter_modules(increment_service.__path__) if m.name != "__main__"
+    ]
+    for name in names:
+        result = subprocess.run(
+            [sys.executable, "-c", f"import increment_service.{name}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        assert result.stdout == "", name

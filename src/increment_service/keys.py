@@ -8,19 +8,19 @@ import asyncpg
 import redis.asyncio
 from aiohttp import web
 
-from .logs import AccessLog
-from .metrics import Metrics
 from .settings import Settings
 
 if TYPE_CHECKING:  # imported for annotations only: these modules import keys
     from opentelemetry.sdk.trace import TracerProvider
 
+    from .logs import AccessLog
+    from .metrics import Metrics
     from .sessions import Sessions
     from .users import Passwords
     from .writebehind import WriteBehind
 
 SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", Metrics)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", redis.asyncio.Redis)
 WRITE_BEHIND: web.AppKey[WriteBehind] = web.AppKey("write_behind")
