@@ -59,6 +59,17 @@ async def _tables(url: str) -> set[str]:
     return {r["tablename"] for r in rows}
 
 
+async def _fillfactor(url: str) -> list[str] | None:
+    conn = await asyncpg.connect(url)
+    try:
+        options: list[str] | None = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE relname = 'counters'"
+        )
+    finally:
+        await conn.close()
+    return options
+
+
 def test_migrations_match_the_metadata_and_downgrade_cleanly(scratch_url: str) -> None:
     migrate(scratch_url)
     assert asyncio.run(_diff(scratch_url)) == []
@@ -67,6 +78,7 @@ def test_migrations_match_the_metadata_and_downgrade_cleanly(scratch_url: str) -
     assert asyncio.run(_tables(scratch_url)) == {"alembic_version"}
     migrate(scratch_url)
     assert {"counters", "users", "applied_batches"} <= asyncio.run(_tables(scratch_url))
+    assert asyncio.run(_fillfactor(scratch_url)) == ["fillfactor=70"]
 
 
 def test_replicas_migrating_at_once_take_turns(scratch_url: str) -> None:
