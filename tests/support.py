@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -457,17 +458,18 @@ NATIVE_OVERRIDES = frozenset(
 NATIVE_OUT_OF_SCOPE = frozenset({"prometheus", "grafana"})
 
 
+#: A compose variable reference: ``$$``, ``${VAR}``, ``${VAR<op>arg}`` or ``$VAR``.
+COMPOSE_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
 def compose_interpolate(text: str, variables: Mapping[str, str]) -> str:
     """``text`` with ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
     ``${VAR:?error}``, ``${VAR:+alt}`` and ``$$`` resolved as compose does, from ``variables``
     (what a user puts in ``.env`` or the shell)."""
-    import re
-
-    pattern = re.compile(
-        r"\$(?:(?P<escaped>\$)"
-        r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-        r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
-    )
 
     def replace(match: re.Match[str]) -> str:
         if match["escaped"]:
@@ -484,7 +486,7 @@ def compose_interpolate(text: str, variables: Mapping[str, str]) -> str:
             raise ValueError(f"compose needs {name}: {arg}")
         return arg
 
-    return pattern.sub(replace, text)
+    return COMPOSE_VARIABLE.sub(replace, text)
 
 
 def compose_file() -> dict[str, Any]:

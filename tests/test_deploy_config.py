@@ -41,6 +41,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.support import COMPOSE_VARIABLE, compose_interpolate
+
 # Every setting the service documents (SPEC.md "Running", the README's settings table,
 # src/increment_service/settings.py), with its default as .env.example writes it.
 # None: no fixed default (unset means "embedded server", or "the hostname").
@@ -95,37 +97,11 @@ def _yaml() -> Any:
 # Compose interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR and $$.
 # --------------------------------------------------------------------------- #
 
-_INTERPOLATION = re.compile(
-    r"\$(?:(?P<escaped>\$)"
-    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
-)
+_INTERPOLATION = COMPOSE_VARIABLE
 
 
 def _interpolate_text(text: str, env: dict[str, str]) -> str:
-    def replace(match: re.Match[str]) -> str:
-        if match["escaped"]:
-            return "$"
-        name = match["braced"] or match["named"]
-        op, arg = match["op"], match["arg"] or ""
-        value = env.get(name)
-        if op in (":-", ":?"):
-            unset = not value
-        elif op in ("-", "?"):
-            unset = value is None
-        elif op == ":+":
-            return arg if value else ""
-        elif op == "+":
-            return arg if value is not None else ""
-        else:
-            return value or ""
-        if not unset:
-            return value or ""
-        if op.endswith("?"):
-            raise ValueError(f"required variable {name} is unset: {arg}")
-        return arg
-
-    return _INTERPOLATION.sub(replace, text)
+    return compose_interpolate(text, env)
 
 
 def _interpolate(node: Any, env: dict[str, str]) -> Any:
