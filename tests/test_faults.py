@@ -136,18 +136,11 @@ def cluster() -> Iterator[PgCluster]:
 
 
 async def test_postgres_stopped_and_started_under_traffic_loses_nothing(
-    cluster: PgCluster, redis_url: str, tmp_path: Path, aiohttp_client: Any
+    cluster: PgCluster, settings: Settings, aiohttp_client: Any
 ) -> None:
-    settings = Settings(
-        database_url=cluster.url,
-        redis_url=redis_url,
-        data_dir=tmp_path,
-        flush_interval_seconds=0.2,
-        access_log=False,
-        replica_id="pg-outage",
-        shutdown_timeout_seconds=5,
-    )
-    client: Client = await aiohttp_client(create_app(settings))
+    # The suite's test settings, pointed at the cluster this test may stop.
+    outage = dataclasses.replace(settings, database_url=cluster.url, replica_id="pg-outage")
+    client: Client = await aiohttp_client(create_app(outage))
     aggregator = client.app[keys.WRITE_BEHIND].aggregator
 
     async def some_persisted() -> bool:
