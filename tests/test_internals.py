@@ -70,7 +70,10 @@ async def test_old_batch_ids_are_pruned(client: TestClient, pg: asyncpg.Connecti
         " ('kept', 1, now() - interval '23 hours')"
     )
     write_behind = client.app[keys.WRITE_BEHIND]
-    write_behind._last_prune = 0.0  # as if the last prune was long ago
+    await write_behind._maybe_prune()  # just started: not due for an hour
+    rows = await pg.fetch("SELECT replica_id FROM applied_batches ORDER BY replica_id")
+    assert [r["replica_id"] for r in rows] == ["gone", "kept"]
+    write_behind._next_prune = time.monotonic()  # due now
     await write_behind._maybe_prune()
     rows = await pg.fetch("SELECT replica_id FROM applied_batches")
     assert [r["replica_id"] for r in rows] == ["kept"]

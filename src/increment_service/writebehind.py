@@ -251,7 +251,9 @@ class WriteBehind:
         self.tracer = tracer
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
-        self._last_prune = time.monotonic()
+        # A deadline, not "time since the last prune": the monotonic clock starts near zero
+        # after boot, so no value of it can stand for "long ago".
+        self._next_prune = time.monotonic() + _PRUNE_EVERY_SECONDS
         self.last_error: str | None = None
 
     @property
@@ -370,9 +372,9 @@ class WriteBehind:
         )
 
     async def _maybe_prune(self) -> None:
-        if time.monotonic() - self._last_prune < _PRUNE_EVERY_SECONDS:
+        if time.monotonic() < self._next_prune:
             return
-        self._last_prune = time.monotonic()
+        self._next_prune = time.monotonic() + _PRUNE_EVERY_SECONDS
         try:
             async with self.pool.acquire(timeout=self.flush_interval) as conn:
                 await conn.execute(PRUNE_SQL, timeout=30)
