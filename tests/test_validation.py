@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
+import zlib
 from typing import Any
 
 import asyncpg
@@ -207,3 +210,81 @@ async def test_no_input_produces_a_500(client: TestClient, body: bytes) -> None:
     assert response.status in (202, 400, 413, 422)
     if response.status != 202:
         assert response.content_type == "application/problem+json"
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+_PLAIN = b'{"key": "a", "value": 1}'
+_CRC_BROKEN = _gzip(_PLAIN)[:-8] + b"\x00\x00\x00\x00" + _gzip(_PLAIN)[-4:]
+
+# (content coding, body): every one refused with 415, none inflated or parsed.
+ENCODED_BODIES: list[tuple[str, str, bytes]] = [
+    ("gzip", "gzip", _gzip(_PLAIN)),
+    ("gzip on plain JSON", "gzip", _PLAIN),
+    ("gzip with a bad CRC", "gzip", _CRC_BROKEN),
+    ("gzip without its trailer", "gzip", _gzip(_PLAIN)[:-8]),
+    ("deflate", "deflate", zlib.compress(_PLAIN)),
+    ("deflate, corrupt", "deflate", b"\x78\x9c not deflate"),
+    ("x-gzip", "x-gzip", _gzip(_PLAIN)),
+    ("br", "br", b"\x0b\x0b\x80" + _PLAIN + b"\x03"),
+    ("xz (unknown to aiohttp)", "xz", lzma.compress(_PLAIN)),
+    ("upper case", "GZIP", _gzip(_PLAIN)),
+    ("a list ending in identity", "gzip, identity", _gzip(_PLAIN)),
+]
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"), [c[1:] for c in ENCODED_BODIES], ids=[c[0] for c in ENCODED_BODIES]
+)
+async def test_compressed_bodies_are_refused_with_415(
+    client: TestClient, pg: asyncpg.Connection, coding: str, body: bytes
+) -> None:
+    response = await client.post(
+        "/increment", data=body, headers={**JSON, "Content-Encoding": coding}
+    )
+    assert response.status == 415
+    assert response.content_type == "application/problem+json"
+    assert response.headers["Accept-Encoding"] == "identity"  # RFC 7694
+    assert_problem(await response.json(content_type=None), 415, None)
+    await assert_nothing_changed(client, pg)
+
+
+ROUTES = [
+    ("POST", "/increment"),
+    ("POST", "/api/increment"),
+    ("GET", "/api/counters/a"),
+    ("POST", "/api/users"),
+    ("POST", "/api/sessions"),
+    ("GET", "/api/sessions"),
+    ("DELETE", "/api/sessions"),
+    ("GET", "/api/health"),
+    ("GET", "/health"),
+    ("GET", "/livez"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/metrics"),
+    ("POST", "/no/such/route"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+async def test_every_route_refuses_a_compressed_body(
+    client: TestClient, pg: asyncpg.Connection, method: str, path: str
+) -> None:
+    corrupt = _CRC_BROKEN  # once a 500 on every route that read its body
+    response = await client.request(
+        method, path, data=corrupt, headers={**JSON, "Content-Encoding": "gzip"}
+    )
+    assert response.status == 415
+    assert response.content_type == "application/problem+json"
+    await assert_nothing_changed(client, pg)
+    assert await pg.fetchval("SELECT count(*) FROM users") == 0
+
+
+@pytest.mark.parametrize("coding", ["identity", "Identity", ""])
+async def test_identity_is_no_coding(client: TestClient, coding: str) -> None:
+    response = await client.post(
+        "/increment", data=_PLAIN, headers={**JSON, "Content-Encoding": coding}
+    )
+    assert response.status == 202

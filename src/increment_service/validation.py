@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .errors import MalformedJSON, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 
@@ -68,6 +68,32 @@ async def read_json(request: web.Request) -> Any:
     # client_max_size (set to MAX_BODY_BYTES) also stops a chunked body that grows too big.
     body = await request.read()
     return parse_json(body)
+
+
+def refuse_content_coding(request: web.Request) -> None:
+    """Bodies are tiny: none may come compressed (RFC 7694: 415 with ``Accept-Encoding``).
+
+    The server runs with aiohttp's ``auto_decompress`` off (app.py), so nothing is ever
+    inflated, whatever this answers: with it on, aiohttp inflates a body as it arrives and
+    keeps reading (and inflating) the rest after the answer, and a 2 MB gzip bomb costs the
+    event loop seconds before any handler runs.
+    """
+    headers = request.headers
+    if hdrs.CONTENT_ENCODING not in headers:
+        return
+    for value in headers.getall(hdrs.CONTENT_ENCODING):
+        for coding in value.split(","):
+            coding = coding.strip().lower()
+            if coding and coding != "identity":
+                raise UnsupportedMediaType(
+                    "request bodies must not be compressed: send them without Content-Encoding",
+                    headers={"Accept-Encoding": "identity"},
+                )
+
+
+def is_key(key: str) -> bool:
+    """Whether ``key`` could name a counter (the rules of an increment's ``key``)."""
+    return 1 <= len(key) <= MAX_KEY_CHARS and not _FORBIDDEN_IN_KEY.search(key)
 
 
 def _pointer(name: str) -> str:

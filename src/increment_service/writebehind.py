@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from .db import Connection
+from .errors import ServiceUnavailable
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -50,11 +51,16 @@ _PRUNE_EVERY_SECONDS = 3600.0
 _OBSERVE_EVERY_SECONDS = 0.5
 
 
-class BackpressureError(Exception):
+class BackpressureError(ServiceUnavailable):
     """The replica holds ``max_pending_keys`` distinct keys and cannot take a new one."""
 
+    slug = "backpressure"
+
     def __init__(self, retry_after: int) -> None:
-        super().__init__("too many keys are waiting to be persisted")
+        super().__init__(
+            "too many keys are waiting to be persisted; retry later",
+            headers={"Retry-After": str(retry_after)},
+        )
         self.retry_after = retry_after
 
 
