@@ -106,11 +106,28 @@ async def send_increments(
     return result
 
 
+def service_env(database_url: str, redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "DATA_DIR": str(tmp_path),
+        "AUTO_MIGRATE": "false",  # the session database is migrated already
+        **extra,
+    }
+
+
 class ServiceProcess:
     """``increment-service`` run for real, in a subprocess, on a free loopback port."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        port: int | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.port = port or free_port()
+        self.wrapper = list(wrapper)  # a command the service runs under (e.g. prlimit ...)
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
@@ -129,7 +146,7 @@ class ServiceProcess:
     def start(self, timeout: float = 60.0) -> ServiceProcess:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "increment_service", "serve"],
+                [*self.wrapper, sys.executable, "-m", "increment_service", "serve"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

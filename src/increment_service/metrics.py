@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
+import logging
 import os
+import resource
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +31,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import keys
 from .logs import AccessLog
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -107,6 +112,26 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.protocol_errors = Counter(
+            "http_protocol_errors",
+            "Requests aiohttp could not parse and refused before any handler (by error kind).",
+            ["error"],
+            registry=r,
+        )
+        # The process collector of prometheus_client does not work with WORKERS > 1, so each
+        # worker samples its own (liveall: one series per live worker, labelled with its pid).
+        self.open_fds = Gauge(
+            "process_open_fds",
+            "Open file descriptors of the worker, sampled twice a second.",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.max_fds = Gauge(
+            "process_max_fds",
+            "The worker's limit on open file descriptors (RLIMIT_NOFILE, soft).",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
         self.logins = Counter(
             "session_logins", "Login attempts by outcome.", ["outcome"], registry=r
         )
@@ -122,6 +147,8 @@ class Metrics:
             self.logins.labels(outcome)
         for result in ("hit", "miss"):
             self.session_cache.labels(result)
+        for kind in ("BadHttpMessage", "BadStatusLine", "LineTooLong", "InvalidHeader"):
+            self.protocol_errors.labels(kind)
         self.requests_in_flight = 0  # sampled into `in_flight` by sampler_ctx
         # .labels() parses and hashes its arguments on every call; the label sets are few.
         self._request_children: dict[tuple[str, str, int], Histogram] = {}
@@ -192,7 +219,7 @@ def observe_middleware(
             method = request.method if request.method in _METHODS else "OTHER"
             route = route_label(request)
             metrics.observe_request(method, route, status, duration)
-            if access_log is not None:
+            if access_log is not None and access_log.wants(status):
                 access_log.write(
                     {
                         "event": "request",
@@ -213,11 +240,63 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def open_fds() -> int | None:
+    """How many file descriptors this process has open (Linux), or None where it cannot tell.
+
+    Listing /proc/self/fd takes a descriptor itself: when none is left, that is the answer."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one the listing held
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return fd_limit()
+        raise
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class FdWatch:
+    """Samples open descriptors into the gauges and says once when they run out.
+
+    When they do, the event loop cannot accept connections, and uvloop (libuv) resets them
+    without a word; this is the only sign of it in the log. It speaks again after the count
+    has dropped below 90 % of the limit."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.exhausted = False
+
+    def sample(self) -> None:
+        used, limit = open_fds(), fd_limit()
+        if used is None:
+            return
+        self.metrics.open_fds.set(used)
+        self.metrics.max_fds.set(limit)
+        if not self.exhausted and used + 1 >= limit:
+            self.exhausted = True
+            log.error(
+                "out of file descriptors: new connections are being refused",
+                extra={"event": "fd-exhausted", "open_fds": used, "max_fds": limit},
+            )
+        elif self.exhausted and used < 0.9 * limit:
+            self.exhausted = False
+            log.warning(
+                "file descriptors available again",
+                extra={"event": "fd-recovered", "open_fds": used, "max_fds": limit},
+            )
+
+
 async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
     """Twice a second: how late the event loop wakes up (the cost every request pays for a
-    busy loop), how many requests are in flight, and the access log's lines out to stdout."""
+    busy loop), how many requests are in flight, open file descriptors, and the access log's
+    lines out to stdout."""
     metrics = app[keys.METRICS]
     access_log = app.get(keys.ACCESS_LOG)
+    fds = FdWatch(metrics)
+    fds.sample()
     interval = 0.5
 
     async def sample() -> None:
@@ -226,6 +305,7 @@ async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(interval)
             metrics.loop_lag.set(max(0.0, time.perf_counter() - before - interval))
             metrics.in_flight.set(metrics.requests_in_flight)
+            fds.sample()
             if access_log is not None:
                 access_log.flush()
 
