@@ -21,7 +21,8 @@ from increment_service import keys
 from increment_service.app import create_app
 from increment_service.db import migrate_with_retry
 from increment_service.logs import ConsoleFormatter, JsonFormatter
-from increment_service.middleware import problem_middleware
+from increment_service.metrics import Metrics
+from increment_service.middleware import request_middleware
 from increment_service.settings import Settings
 from tests.support import ServiceProcess, free_port
 
@@ -88,7 +89,7 @@ async def test_an_unexpected_error_is_a_500_problem_and_redirects_pass(
     async def moved(request: web.Request) -> web.Response:
         raise web.HTTPFound("/elsewhere")
 
-    app = web.Application(middlewares=[problem_middleware])
+    app = web.Application(middlewares=[request_middleware(Metrics(), None)])
     app.router.add_get("/broken", broken)
     app.router.add_get("/moved", moved)
     client = await aiohttp_client(app)

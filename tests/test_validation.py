@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from increment_service import keys
-from increment_service.validation import MAX_BODY_BYTES
+from increment_service.errors import MalformedJSON
+from increment_service.validation import MAX_BODY_BYTES, parse_json, parse_json_strict
 from tests.support import JSON
 
 MAX = 2**53 - 1
@@ -288,3 +289,43 @@ async def test_identity_is_no_coding(client: TestClient, coding: str) -> None:
         "/increment", data=_PLAIN, headers={**JSON, "Content-Encoding": coding}
     )
     assert response.status == 202
+
+
+_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+_NAMES = st.sampled_from(["key", "value", "a", "é", 'q"', "b\\\\"]) | st.text(max_size=4)
+
+
+@st.composite
+def _json_texts(draw: st.DrawFn, depth: int = 2) -> str:
+    """JSON-ish text, duplicate member names and all: what a client may really send."""
+    if depth == 0 or draw(st.booleans()):
+        return json.dumps(draw(_SCALARS))
+    if draw(st.booleans()):
+        items = draw(st.lists(_json_texts(depth - 1), max_size=3))
+        return "[" + ",".join(items) + "]"
+    members = draw(
+        st.lists(st.tuples(_NAMES, _json_texts(depth - 1)), max_size=4).map(
+            lambda pairs: [f"{json.dumps(name)}: {text}" for name, text in pairs]
+        )
+    )
+    return "{" + ", ".join(members) + "}"
+
+
+def _outcome(parse: Any, body: bytes) -> tuple[str, Any]:
+    try:
+        return ("value", parse(body))
+    except MalformedJSON:
+        return ("400", None)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    body=st.one_of(
+        st.binary(max_size=60),
+        _json_texts().map(str.encode),
+        _json_texts().map(lambda text: text.replace("1", "NaN").encode()),
+    )
+)
+def test_the_fast_parser_agrees_with_the_strict_one(body: bytes) -> None:
+    """orjson answers first; whatever it lets through must be what the strict rules give."""
+    assert _outcome(parse_json, body) == _outcome(parse_json_strict, body)

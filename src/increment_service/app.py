@@ -10,8 +10,8 @@ from aiohttp import web
 from . import keys, openapi, sessions, users, views
 from .db import pg_ctx
 from .logs import AccessLog, ProtocolErrorLog
-from .metrics import Metrics, metrics_handler, observe_middleware, sampler_ctx
-from .middleware import problem_middleware
+from .metrics import Metrics, metrics_handler, sampler_ctx
+from .middleware import request_middleware
 from .redis_client import redis_ctx
 from .settings import Settings
 from .validation import MAX_BODY_BYTES
@@ -73,10 +73,7 @@ def create_app(settings: Settings) -> web.Application:
             "auto_decompress": False,
             "logger": ProtocolErrorLog(lambda kind: metrics.protocol_errors.labels(kind).inc()),
         },
-        middlewares=[
-            observe_middleware(metrics, access_log),
-            problem_middleware,
-        ],
+        middlewares=[request_middleware(metrics, access_log)],
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics

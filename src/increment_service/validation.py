@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+import orjson
 from aiohttp import hdrs, web
 
 from .errors import MalformedJSON, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
@@ -42,7 +43,39 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_r
 
 
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: UTF-8 only, no NaN/Infinity, no duplicate member names at any depth."""
+    """Strict JSON: UTF-8 only, no NaN/Infinity, no duplicate member names at any depth.
+
+    orjson parses a plain body several times faster than the standard library, and refuses
+    what the rules refuse, except duplicate member names, which it accepts silently (the last
+    one wins). So its result is taken only when no member can have gone missing: no backslash
+    in the body (every quote then delimits a string), an object whose values are scalars, and
+    exactly as many quotes as its names and string values account for. Anything else, and
+    every error, goes to the strict parser, which says what is wrong."""
+    if b"\\" not in body:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if _nothing_dropped(data, body):
+                return data
+    return parse_json_strict(body)
+
+
+def _nothing_dropped(data: Any, body: bytes) -> bool:
+    kind = type(data)
+    if kind is dict:
+        quotes = 2 * len(data)
+        for value in data.values():
+            if type(value) is str:
+                quotes += 2
+            elif type(value) is dict or type(value) is list:
+                return False  # nested members: the strict parser looks at every depth
+        return body.count(b'"') == quotes
+    return kind is not list  # a list may hold objects; a scalar has no members
+
+
+def parse_json_strict(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
         return _DECODER.decode(text)
@@ -57,11 +90,13 @@ def parse_json(body: bytes) -> Any:
 
 
 async def read_json(request: web.Request) -> Any:
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType("send the body as Content-Type: application/json")
-    charset = request.charset
-    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
-        raise UnsupportedMediaType("JSON bodies must be UTF-8")
+    # The usual header as it is sent skips parsing it (aiohttp parses it on first use).
+    if request.headers.get(hdrs.CONTENT_TYPE) != "application/json":
+        if request.content_type != "application/json":
+            raise UnsupportedMediaType("send the body as Content-Type: application/json")
+        charset = request.charset
+        if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType("JSON bodies must be UTF-8")
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"the body may be at most {MAX_BODY_BYTES} bytes")
@@ -153,8 +188,20 @@ def check_value(data: dict[str, Any], errors: list[dict[str, str]]) -> int:
 
 async def read_increment(request: web.Request) -> tuple[str, int]:
     """The ``(key, value)`` of an increment body, or a problem naming every bad member."""
+    data = await read_json(request)
+    # The common case in one expression; any doubt goes through the checks that name errors.
+    if type(data) is dict and len(data) == 2:
+        key, value = data.get("key"), data.get("value")
+        if (
+            type(key) is str
+            and type(value) is int
+            and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+            and 1 <= len(key) <= MAX_KEY_CHARS
+            and not _FORBIDDEN_IN_KEY.search(key)
+        ):
+            return key, value
     errors: list[dict[str, str]] = []
-    data = check_object(await read_json(request), ("key", "value"), errors)
+    data = check_object(data, ("key", "value"), errors)
     key = check_key(data, errors)
     value = check_value(data, errors)
     if errors:
