@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import redis.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from increment_service import keys, sessions, throttle
+from increment_service import emails, keys, sessions, throttle
 from increment_service.app import create_app
 from increment_service.redis_client import REDIS_TIMEOUT_SECONDS
 from increment_service.settings import Settings
@@ -395,6 +396,90 @@ async def test_unknown_email_and_wrong_password_answer_alike(api: TestClient) ->
         [statistics.median(r[3] for r in unknown), statistics.median(r[3] for r in wrong)]
     )
     assert slow < 2 * fast
+
+
+# --- emails in one normal form ----------------------------------------------------------
+
+
+async def test_no_spelling_of_an_email_gets_a_second_guess_budget(
+    api: TestClient, redis_client: redis.asyncio.Redis
+) -> None:
+    """Issue 9, item 4: ten wrong passwords for iia@x.co gave 429, then the right password as
+    İia@x.co gave 201 for the same user: the throttle counted Python's email.lower(), the
+    lookup used Postgres's lower(), and the two disagree on U+0130. Both now use the key."""
+    user_id = await create_user(api, "iia@x.co")
+    spellings = ["iia@x.co", "IIA@x.co", "\uff49ia@x.co", "Iia@X.CO", "i\uff49\uff41@x.co"]
+    guesses = [
+        await api.post(
+            "/api/sessions", json={"email": spellings[n % len(spellings)], "password": f"no-{n:04}"}
+        )
+        for n in range(throttle.ACCOUNT_LIMIT)
+    ]
+    assert [r.status for r in guesses] == [401] * throttle.ACCOUNT_LIMIT
+    # Every spelling of the account shares its one budget, the right password included.
+    for spelling in spellings:
+        response = await api.post("/api/sessions", json={"email": spelling, "password": PASSWORD})
+        await assert_problem(response, 429)
+    # İ is no spelling of i (full case folding keeps its dot): İia@x.co is another, unknown,
+    # account. The right password of iia@x.co does not open iia@x.co through it.
+    response = await api.post(
+        "/api/sessions", json={"email": "\u0130ia@x.co", "password": PASSWORD}
+    )
+    await assert_problem(response, 401)
+    assert "Set-Cookie" not in response.headers
+    # One count per key, under the key the lookup uses.
+    counted = throttle.Subjects.of(emails.email_key("\u0130IA@x.co"), "127.0.0.1").account
+    assert counted is not None
+    assert int(await redis_client.get(counted)) == 1
+    await redis_client.delete(throttle.Subjects.of("iia@x.co", "127.0.0.1").account or "")
+    response = await api.post(
+        "/api/sessions", json={"email": "\uff49IA@x.co", "password": PASSWORD}
+    )
+    assert response.status == 201
+    assert (await response.json())["userId"] == user_id
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("ann@example.com", "\uff41nn@example.com"),  # fullwidth a
+        ("fin@example.com", "\ufb01n@example.com"),  # the ligature fi
+        ("\u00e9lise@example.com", "e\u0301lise@example.com"),  # NFC, then NFD
+        ("e\u0301lise@example.com", "\u00e9lise@example.com"),  # NFD, then NFC
+        ("strasse@example.com", "STRA\u00dfE@example.com"),  # case folding, not lower()
+    ],
+)
+async def test_lookalike_emails_are_one_account(
+    api: TestClient, pg: asyncpg.Connection, first: str, second: str
+) -> None:
+    user_id = await create_user(api, first)
+    response = await api.post("/api/users", json={"email": second, "password": PASSWORD})
+    await assert_problem(response, 409)
+    for spelling in (second, first):
+        response = await api.post("/api/sessions", json={"email": spelling, "password": PASSWORD})
+        assert response.status == 201, await response.text()
+        assert (await response.json())["userId"] == user_id
+    assert await pg.fetchval("SELECT count(*) FROM users") == 1
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad"])  # zero-width space, soft hyphen
+async def test_emails_with_invisible_characters_are_refused_and_match_nobody(
+    api: TestClient, pg: asyncpg.Connection, invisible: str
+) -> None:
+    await create_user(api, "ann@example.com")
+    unknown = await api.post("/api/sessions", json={"email": email(), "password": PASSWORD})
+    unknown_body = await assert_problem(unknown, 401)
+    for address in (f"ann@example.com{invisible}", f"an{invisible}n@example.com"):
+        body = await assert_problem(
+            await api.post("/api/users", json={"email": address, "password": PASSWORD}), 422
+        )
+        assert body["errors"] == [{"pointer": "/email", "detail": emails.HIDDEN_CHARACTERS}]
+        # Logging in with it is no 422 that would set it apart: it matches no account, and
+        # answers as an unknown email does, even with the password of ann@example.com.
+        response = await api.post("/api/sessions", json={"email": address, "password": PASSWORD})
+        assert await assert_problem(response, 401) == unknown_body
+    rows = await pg.fetch("SELECT email, email_key FROM users")
+    assert [tuple(row) for row in rows] == [("ann@example.com", "ann@example.com")]
 
 
 # --- brute force ------------------------------------------------------------------------

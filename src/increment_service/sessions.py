@@ -35,7 +35,7 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp_session.redis_storage import RedisStorage
 from redis.exceptions import RedisError
 
-from . import counters, keys, throttle, users
+from . import counters, emails, keys, throttle, users
 from .errors import TooManyRequests, Unauthorized, ValidationFailed
 from .metrics import Metrics
 from .redis_client import redis_call, unavailable
@@ -356,11 +356,19 @@ async def read_credentials(request: web.Request) -> tuple[str, bytes | None]:
             errors.append({"pointer": f"/{name}", "detail": "must be a string"})
     if errors:
         raise ValidationFailed("the login body is invalid", errors=errors)
-    email: str = data["email"][: users.MAX_EMAIL_CHARS + 1]
+    email: str = data["email"][: emails.MAX_EMAIL_CHARS + 1]
     password = users.password_bytes(data["password"])
     if password is not None and len(password) > users.MAX_PASSWORD_BYTES:
         password = None  # bcrypt refuses these; no such password was ever accepted
     return email, password
+
+
+def login_key(email: str) -> str | None:
+    """The email key a login looks up, or None for an email no account can have."""
+    try:
+        return emails.email_key(email)
+    except emails.InvalidEmail:
+        return None
 
 
 async def login(request: web.Request) -> web.Response:
@@ -368,16 +376,21 @@ async def login(request: web.Request) -> web.Response:
     email, password = await read_credentials(request)
     app = request.app
     sessions, logins = app[keys.SESSIONS], app[keys.METRICS].logins
+    # One normal form for the lookup and the account's throttle budget. An email no account
+    # may have gets no 422 here: it simply matches nobody, like an unknown email.
+    email_key = login_key(email)
     subjects = throttle.Subjects.of(
-        email, throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
+        email_key, throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
     )
     try:
         await redis_call(sessions.redis, lambda: throttle.count_attempt(sessions.redis, subjects))
     except TooManyRequests:
         logins.labels(outcome="throttled").inc()
         raise
-    async with users.connection(request) as conn:
-        user = await users.find_by_email(conn, email)
+    user = None
+    if email_key is not None:
+        async with users.connection(request) as conn:
+            user = await users.find_by_key(conn, email_key)
     # Unknown email and wrong password take the same path: one bcrypt check, one answer.
     if not await app[keys.PASSWORDS].verify(password, user.password_hash if user else None):
         logins.labels(outcome="failure").inc()

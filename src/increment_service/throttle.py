@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .errors import TooManyRequests
 
-#: Failed logins allowed per account (email, whether or not it exists) in one window.
+#: Failed logins allowed per account (email key, whether or not it exists) in one window.
 ACCOUNT_LIMIT = 10
 #: Failed logins allowed per client address in one window (NAT: many users, one address).
 ADDRESS_LIMIT = 50
@@ -41,51 +41,56 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Subjects:
-    """The Redis keys counting one login attempt."""
+    """The Redis keys counting one login attempt (no account key for an email that can never
+    match an account: only its address is counted)."""
 
-    account: str
+    account: str | None
     address: str
 
     @classmethod
-    def of(cls, email: str, address: str) -> Subjects:
-        # Hashed: Redis holds no email addresses. Lower-cased like the users' unique index,
-        # so case variants of one address share one budget.
-        digest = hashlib.sha256(email.lower().encode("utf-8", "surrogatepass")).hexdigest()
-        return cls(f"{_PREFIX}account:{digest}", f"{_PREFIX}address:{address}")
+    def of(cls, email_key: str | None, address: str) -> Subjects:
+        """``email_key``: the normal form (emails.email_key) the account is looked up by, so
+        every spelling that reaches an account shares its budget. Hashed: Redis holds no email
+        addresses."""
+        account = None
+        if email_key is not None:
+            digest = hashlib.sha256(email_key.encode("utf-8")).hexdigest()
+            account = f"{_PREFIX}account:{digest}"
+        return cls(account, f"{_PREFIX}address:{address}")
 
 
 async def count_attempt(client: redis.asyncio.Redis, subjects: Subjects) -> None:
-    """Count one attempt; raise TooManyRequests if the account or the address is over its limit."""
+    """Count one login; raise TooManyRequests if the account or the address is over its limit."""
+    limits = [(subjects.address, ADDRESS_LIMIT)]
+    if subjects.account is not None:
+        limits.append((subjects.account, ACCOUNT_LIMIT))
+    await _count(client, limits, "too many failed logins; retry later")
+
+
+async def _count(client: redis.asyncio.Redis, limits: list[tuple[str, int]], detail: str) -> None:
     async with client.pipeline(transaction=True) as pipe:
-        for key in (subjects.account, subjects.address):
+        for key, _ in limits:
             # SET NX EX then INCR (which keeps the expiry): EXPIRE ... NX needs Redis 7 and
             # the embedded server is 6.2. In one MULTI, a count never exists without expiry.
             pipe.set(key, 0, ex=WINDOW_SECONDS, nx=True)
             pipe.incr(key)
             pipe.pttl(key)
         results = await pipe.execute()
-    account_count, account_pttl = results[1], results[2]
-    address_count, address_pttl = results[4], results[5]
     waits = [
         pttl
-        for count, limit, pttl in (
-            (account_count, ACCOUNT_LIMIT, account_pttl),
-            (address_count, ADDRESS_LIMIT, address_pttl),
-        )
+        for (_, limit), count, pttl in zip(limits, results[1::3], results[2::3], strict=True)
         if count > limit
     ]
     if waits:
         retry_after = max(1, math.ceil(max(waits) / 1000)) if max(waits) > 0 else WINDOW_SECONDS
-        raise TooManyRequests(
-            "too many failed logins; retry later",
-            headers={"Retry-After": str(retry_after)},
-        )
+        raise TooManyRequests(detail, headers={"Retry-After": str(retry_after)})
 
 
 async def record_success(client: redis.asyncio.Redis, subjects: Subjects) -> None:
     """The attempt was not a failure: clear the account's count, give the address its one back."""
     async with client.pipeline(transaction=True) as pipe:
-        pipe.delete(subjects.account)
+        if subjects.account is not None:
+            pipe.delete(subjects.account)
         pipe.eval(_GIVE_BACK, 1, subjects.address)
         await pipe.execute()
 
