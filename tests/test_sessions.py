@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from http.cookies import SimpleCookie
@@ -368,6 +369,9 @@ async def test_duplicate_email_in_another_case_is_409(api: TestClient) -> None:
     await assert_problem(response, 409)
     # Logging in is case-insensitive too.
     await login(api, address.upper())
+    metrics = await (await api.get("/metrics")).text()
+    assert 'user_signups_total{outcome="created"} 1.0' in metrics
+    assert 'user_signups_total{outcome="duplicate"} 1.0' in metrics
 
 
 async def test_unknown_email_and_wrong_password_answer_alike(api: TestClient) -> None:
@@ -573,6 +577,60 @@ async def test_behind_a_trusted_proxy_the_forwarded_address_counts(
     assert await status("203.0.113.8, 203.0.113.7") == 429
 
 
+async def test_account_creation_is_throttled_per_address_before_any_hash(
+    make_client: MakeClient,
+    settings: Settings,
+    pg: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 9, item 6: POST /api/users had no throttle (40 bcrypt hashes in 5 s from one
+    address). Now SIGNUP_LIMIT valid requests per address and window, counted before bcrypt."""
+    api = await make_client(
+        dataclasses.replace(settings, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+    )
+    passwords = api.app[keys.PASSWORDS]
+    hash_password = passwords.hash
+    hashed: list[bytes] = []
+
+    async def counted_hash(password: bytes) -> bytes:  # the real hash, counted
+        hashed.append(password)
+        return await hash_password(password)
+
+    monkeypatch.setattr(passwords, "hash", counted_hash)
+    flood = {"X-Forwarded-For": "198.51.100.7"}
+    # Bad bodies cost no hash and are not counted: refused before the throttle.
+    for body in ({"email": "not an email", "password": PASSWORD}, {"email": email()}):
+        await assert_problem(await api.post("/api/users", json=body, headers=flood), 422)
+    attempts = 40
+    responses = await asyncio.gather(
+        *(
+            api.post("/api/users", json={"email": email(), "password": PASSWORD}, headers=flood)
+            for _ in range(attempts)
+        )
+    )
+    statuses = Counter(r.status for r in responses)
+    assert statuses == {201: throttle.SIGNUP_LIMIT, 429: attempts - throttle.SIGNUP_LIMIT}
+    for response in responses:
+        if response.status == 429:
+            body = await assert_problem(response, 429)
+            assert body["type"].endswith(":too-many-requests")
+            assert 0 < int(response.headers["Retry-After"]) <= throttle.WINDOW_SECONDS
+    assert len(hashed) == throttle.SIGNUP_LIMIT
+    assert await pg.fetchval("SELECT count(*) FROM users") == throttle.SIGNUP_LIMIT
+
+    # Another address has a budget of its own.
+    response = await api.post(
+        "/api/users",
+        json={"email": email(), "password": PASSWORD},
+        headers={"X-Forwarded-For": "198.51.100.8"},
+    )
+    assert response.status == 201
+    metrics = await (await api.get("/metrics")).text()
+    assert f'user_signups_total{{outcome="created"}} {throttle.SIGNUP_LIMIT + 1}.0' in metrics
+    throttled = attempts - throttle.SIGNUP_LIMIT
+    assert f'user_signups_total{{outcome="throttled"}} {throttled}.0' in metrics
+
+
 # --- Redis outage -----------------------------------------------------------------------
 
 
@@ -652,11 +710,13 @@ async def test_redis_down_guarded_routes_fail_closed_open_increment_works(
         await api.post("/api/increment", json={"key": "k", "value": 1}, headers=cookie_header(sid)),
         await api.post("/api/sessions", json={"email": address, "password": PASSWORD}),
         await api.delete("/api/sessions", headers=cookie_header(sid)),
+        # Account creation counts its attempt in Redis before it hashes anything.
+        await api.post("/api/users", json={"email": email(), "password": PASSWORD}),
     ):
         body = await assert_problem(response, 503)
         assert body["type"].endswith(":unavailable")
         assert response.headers["Retry-After"] == "1"
-    assert time.monotonic() - started < 5 * REDIS_TIMEOUT_SECONDS
+    assert time.monotonic() - started < 6 * REDIS_TIMEOUT_SECONDS
     # The open endpoint never touches Redis; no cookie means 401 without asking Redis either.
     for _ in range(3):
         assert (await api.post("/increment", json={"key": "open", "value": 1})).status == 202

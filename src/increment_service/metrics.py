@@ -110,6 +110,9 @@ class Metrics:
         self.logins = Counter(
             "session_logins", "Login attempts by outcome.", ["outcome"], registry=r
         )
+        self.signups = Counter(
+            "user_signups", "Account creations by outcome.", ["outcome"], registry=r
+        )
         self.session_cache = Counter(
             "session_cache_lookups",
             "Session lookups answered by the local cache (hit) or by Redis (miss).",
@@ -120,6 +123,8 @@ class Metrics:
         # event hides that event from rate() and increase().
         for outcome in ("success", "failure", "throttled"):
             self.logins.labels(outcome)
+        for outcome in ("created", "duplicate", "throttled"):
+            self.signups.labels(outcome)
         for result in ("hit", "miss"):
             self.session_cache.labels(result)
         self.requests_in_flight = 0  # sampled into `in_flight` by sampler_ctx

@@ -76,7 +76,8 @@ def document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("NewUser")},
                     "responses": {
                         "201": {"description": "Created", "content": _json("User")},
-                        **_problems(400, 409, 413, 415, 422, 503),
+                        # 429 + Retry-After: too many account creations from one address.
+                        **_problems(400, 409, 413, 415, 422, 429, 503),
                     },
                 }
             },

@@ -1,10 +1,12 @@
-"""Brute-force limits for logins: failures per account and per client address, in Redis.
+"""Brute-force limits in Redis: failed logins per account and per client address, and account
+creations per client address.
 
-Every attempt is counted *before* the password is checked, so a burst of concurrent guesses
-cannot slip past the limit while bcrypt runs; a successful login then takes its attempt back
-(and clears the account's count), so only failures use up the budget. Windows are fixed: the
-first counted attempt starts a ``WINDOW_SECONDS`` expiry, and when it runs out the count is
-gone. There is no permanent lockout, only a wait of at most one window.
+Every attempt is counted *before* the bcrypt work it would cost, so a burst of concurrent
+requests cannot slip past the limit while bcrypt runs. A successful login then takes its
+attempt back (and clears the account's count), so only failures use up the login budget; an
+account creation keeps its count, success or not, since creating accounts in bulk is the abuse.
+Windows are fixed: the first counted attempt starts a ``WINDOW_SECONDS`` expiry, and when it
+runs out the count is gone. There is no permanent lockout, only a wait of at most one window.
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ from .errors import TooManyRequests
 ACCOUNT_LIMIT = 10
 #: Failed logins allowed per client address in one window (NAT: many users, one address).
 ADDRESS_LIMIT = 50
+#: Account creations (valid requests, each one bcrypt hash) per client address in one window.
+#: A person creates one account and may retry a few times; twenty leaves room for a small
+#: office behind one NAT address, while a flood from one address gets twenty hashes (a few
+#: CPU seconds) per window instead of several per second.
+SIGNUP_LIMIT = 20
 WINDOW_SECONDS = 15 * 60
 
 _PREFIX = "INCREMENT_THROTTLE:login:"
+_SIGNUP_PREFIX = "INCREMENT_THROTTLE:signup:address:"
 
 # Decrement only a count that still exists: after its window expired, a bare DECR would
 # create a key at -1 without an expiry.
@@ -65,6 +73,13 @@ async def count_attempt(client: redis.asyncio.Redis, subjects: Subjects) -> None
     if subjects.account is not None:
         limits.append((subjects.account, ACCOUNT_LIMIT))
     await _count(client, limits, "too many failed logins; retry later")
+
+
+async def count_signup(client: redis.asyncio.Redis, address: str) -> None:
+    """Count one account creation; raise TooManyRequests if the address is over its limit."""
+    await _count(
+        client, [(_SIGNUP_PREFIX + address, SIGNUP_LIMIT)], "too many new accounts; retry later"
+    )
 
 
 async def _count(client: redis.asyncio.Redis, limits: list[tuple[str, int]], detail: str) -> None:

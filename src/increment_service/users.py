@@ -18,8 +18,9 @@ import bcrypt
 from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
-from . import counters, emails, keys
-from .errors import Conflict, ServiceUnavailable, ValidationFailed
+from . import counters, emails, keys, throttle
+from .errors import Conflict, ServiceUnavailable, TooManyRequests, ValidationFailed
+from .redis_client import redis_call
 from .validation import check_object, read_json
 
 #: bcrypt work factor: about a quarter to half a second per hash on a server core.
@@ -200,12 +201,23 @@ async def read_new_user(request: web.Request) -> tuple[str, str, bytes]:
 
 async def create_user(request: web.Request) -> web.Response:
     email, email_key, password = await read_new_user(request)
-    password_hash = await request.app[keys.PASSWORDS].hash(password)
+    app = request.app
+    client, signups = app[keys.REDIS], app[keys.METRICS].signups
+    # Counted before the hash: a flood of valid bodies costs one Redis call each, not bcrypt.
+    address = throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
+    try:
+        await redis_call(client, lambda: throttle.count_signup(client, address))
+    except TooManyRequests:
+        signups.labels(outcome="throttled").inc()
+        raise
+    password_hash = await app[keys.PASSWORDS].hash(password)
     async with connection(request) as conn:
         try:
             user = await insert(conn, email, email_key, password_hash)
         except DuplicateEmail:
+            signups.labels(outcome="duplicate").inc()
             raise Conflict("a user with that email exists") from None
+    signups.labels(outcome="created").inc()
     return web.json_response(
         {"id": str(user.id), "email": user.email}, status=201, dumps=counters.dumps
     )
