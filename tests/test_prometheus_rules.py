@@ -50,6 +50,7 @@ COUNTERS = {
     "session_logins_total",
     "session_cache_lookups_total",
     "http_protocol_errors_total",
+    "user_signups_total",
 }
 GAUGES = {
     "http_requests_in_flight",

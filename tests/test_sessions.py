@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from http.cookies import SimpleCookie
@@ -22,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import redis.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from increment_service import keys, sessions, throttle
+from increment_service import emails, keys, sessions, throttle
 from increment_service.app import create_app
+from increment_service.redis_client import REDIS_TIMEOUT_SECONDS
 from increment_service.settings import Settings
 from tests.support import ServiceProcess, free_port
 
@@ -366,6 +369,9 @@ async def test_duplicate_email_in_another_case_is_409(api: TestClient) -> None:
     await assert_problem(response, 409)
     # Logging in is case-insensitive too.
     await login(api, address.upper())
+    metrics = await (await api.get("/metrics")).text()
+    assert 'user_signups_total{outcome="created"} 1.0' in metrics
+    assert 'user_signups_total{outcome="duplicate"} 1.0' in metrics
 
 
 async def test_unknown_email_and_wrong_password_answer_alike(api: TestClient) -> None:
@@ -394,6 +400,90 @@ async def test_unknown_email_and_wrong_password_answer_alike(api: TestClient) ->
         [statistics.median(r[3] for r in unknown), statistics.median(r[3] for r in wrong)]
     )
     assert slow < 2 * fast
+
+
+# --- emails in one normal form ----------------------------------------------------------
+
+
+async def test_no_spelling_of_an_email_gets_a_second_guess_budget(
+    api: TestClient, redis_client: redis.asyncio.Redis
+) -> None:
+    """Issue 9, item 4: ten wrong passwords for iia@x.co gave 429, then the right password as
+    İia@x.co gave 201 for the same user: the throttle counted Python's email.lower(), the
+    lookup used Postgres's lower(), and the two disagree on U+0130. Both now use the key."""
+    user_id = await create_user(api, "iia@x.co")
+    spellings = ["iia@x.co", "IIA@x.co", "\uff49ia@x.co", "Iia@X.CO", "i\uff49\uff41@x.co"]
+    guesses = [
+        await api.post(
+            "/api/sessions", json={"email": spellings[n % len(spellings)], "password": f"no-{n:04}"}
+        )
+        for n in range(throttle.ACCOUNT_LIMIT)
+    ]
+    assert [r.status for r in guesses] == [401] * throttle.ACCOUNT_LIMIT
+    # Every spelling of the account shares its one budget, the right password included.
+    for spelling in spellings:
+        response = await api.post("/api/sessions", json={"email": spelling, "password": PASSWORD})
+        await assert_problem(response, 429)
+    # İ is no spelling of i (full case folding keeps its dot): İia@x.co is another, unknown,
+    # account. The right password of iia@x.co does not open iia@x.co through it.
+    response = await api.post(
+        "/api/sessions", json={"email": "\u0130ia@x.co", "password": PASSWORD}
+    )
+    await assert_problem(response, 401)
+    assert "Set-Cookie" not in response.headers
+    # One count per key, under the key the lookup uses.
+    counted = throttle.Subjects.of(emails.email_key("\u0130IA@x.co"), "127.0.0.1").account
+    assert counted is not None
+    assert int(await redis_client.get(counted)) == 1
+    await redis_client.delete(throttle.Subjects.of("iia@x.co", "127.0.0.1").account or "")
+    response = await api.post(
+        "/api/sessions", json={"email": "\uff49IA@x.co", "password": PASSWORD}
+    )
+    assert response.status == 201
+    assert (await response.json())["userId"] == user_id
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("ann@example.com", "\uff41nn@example.com"),  # fullwidth a
+        ("fin@example.com", "\ufb01n@example.com"),  # the ligature fi
+        ("\u00e9lise@example.com", "e\u0301lise@example.com"),  # NFC, then NFD
+        ("e\u0301lise@example.com", "\u00e9lise@example.com"),  # NFD, then NFC
+        ("strasse@example.com", "STRA\u00dfE@example.com"),  # case folding, not lower()
+    ],
+)
+async def test_lookalike_emails_are_one_account(
+    api: TestClient, pg: asyncpg.Connection, first: str, second: str
+) -> None:
+    user_id = await create_user(api, first)
+    response = await api.post("/api/users", json={"email": second, "password": PASSWORD})
+    await assert_problem(response, 409)
+    for spelling in (second, first):
+        response = await api.post("/api/sessions", json={"email": spelling, "password": PASSWORD})
+        assert response.status == 201, await response.text()
+        assert (await response.json())["userId"] == user_id
+    assert await pg.fetchval("SELECT count(*) FROM users") == 1
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad"])  # zero-width space, soft hyphen
+async def test_emails_with_invisible_characters_are_refused_and_match_nobody(
+    api: TestClient, pg: asyncpg.Connection, invisible: str
+) -> None:
+    await create_user(api, "ann@example.com")
+    unknown = await api.post("/api/sessions", json={"email": email(), "password": PASSWORD})
+    unknown_body = await assert_problem(unknown, 401)
+    for address in (f"ann@example.com{invisible}", f"an{invisible}n@example.com"):
+        body = await assert_problem(
+            await api.post("/api/users", json={"email": address, "password": PASSWORD}), 422
+        )
+        assert body["errors"] == [{"pointer": "/email", "detail": emails.HIDDEN_CHARACTERS}]
+        # Logging in with it is no 422 that would set it apart: it matches no account, and
+        # answers as an unknown email does, even with the password of ann@example.com.
+        response = await api.post("/api/sessions", json={"email": address, "password": PASSWORD})
+        assert await assert_problem(response, 401) == unknown_body
+    rows = await pg.fetch("SELECT email, email_key FROM users")
+    assert [tuple(row) for row in rows] == [("ann@example.com", "ann@example.com")]
 
 
 # --- brute force ------------------------------------------------------------------------
@@ -487,6 +577,60 @@ async def test_behind_a_trusted_proxy_the_forwarded_address_counts(
     assert await status("203.0.113.8, 203.0.113.7") == 429
 
 
+async def test_account_creation_is_throttled_per_address_before_any_hash(
+    make_client: MakeClient,
+    settings: Settings,
+    pg: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 9, item 6: POST /api/users had no throttle (40 bcrypt hashes in 5 s from one
+    address). Now SIGNUP_LIMIT valid requests per address and window, counted before bcrypt."""
+    api = await make_client(
+        dataclasses.replace(settings, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+    )
+    passwords = api.app[keys.PASSWORDS]
+    hash_password = passwords.hash
+    hashed: list[bytes] = []
+
+    async def counted_hash(password: bytes) -> bytes:  # the real hash, counted
+        hashed.append(password)
+        return await hash_password(password)
+
+    monkeypatch.setattr(passwords, "hash", counted_hash)
+    flood = {"X-Forwarded-For": "198.51.100.7"}
+    # Bad bodies cost no hash and are not counted: refused before the throttle.
+    for body in ({"email": "not an email", "password": PASSWORD}, {"email": email()}):
+        await assert_problem(await api.post("/api/users", json=body, headers=flood), 422)
+    attempts = 40
+    responses = await asyncio.gather(
+        *(
+            api.post("/api/users", json={"email": email(), "password": PASSWORD}, headers=flood)
+            for _ in range(attempts)
+        )
+    )
+    statuses = Counter(r.status for r in responses)
+    assert statuses == {201: throttle.SIGNUP_LIMIT, 429: attempts - throttle.SIGNUP_LIMIT}
+    for response in responses:
+        if response.status == 429:
+            body = await assert_problem(response, 429)
+            assert body["type"].endswith(":too-many-requests")
+            assert 0 < int(response.headers["Retry-After"]) <= throttle.WINDOW_SECONDS
+    assert len(hashed) == throttle.SIGNUP_LIMIT
+    assert await pg.fetchval("SELECT count(*) FROM users") == throttle.SIGNUP_LIMIT
+
+    # Another address has a budget of its own.
+    response = await api.post(
+        "/api/users",
+        json={"email": email(), "password": PASSWORD},
+        headers={"X-Forwarded-For": "198.51.100.8"},
+    )
+    assert response.status == 201
+    metrics = await (await api.get("/metrics")).text()
+    assert f'user_signups_total{{outcome="created"}} {throttle.SIGNUP_LIMIT + 1}.0' in metrics
+    throttled = attempts - throttle.SIGNUP_LIMIT
+    assert f'user_signups_total{{outcome="throttled"}} {throttled}.0' in metrics
+
+
 # --- Redis outage -----------------------------------------------------------------------
 
 
@@ -566,11 +710,13 @@ async def test_redis_down_guarded_routes_fail_closed_open_increment_works(
         await api.post("/api/increment", json={"key": "k", "value": 1}, headers=cookie_header(sid)),
         await api.post("/api/sessions", json={"email": address, "password": PASSWORD}),
         await api.delete("/api/sessions", headers=cookie_header(sid)),
+        # Account creation counts its attempt in Redis before it hashes anything.
+        await api.post("/api/users", json={"email": email(), "password": PASSWORD}),
     ):
         body = await assert_problem(response, 503)
         assert body["type"].endswith(":unavailable")
         assert response.headers["Retry-After"] == "1"
-    assert time.monotonic() - started < 5 * sessions.REDIS_TIMEOUT_SECONDS
+    assert time.monotonic() - started < 6 * REDIS_TIMEOUT_SECONDS
     # The open endpoint never touches Redis; no cookie means 401 without asking Redis either.
     for _ in range(3):
         assert (await api.post("/increment", json={"key": "open", "value": 1})).status == 202

@@ -74,6 +74,7 @@ class Metrics:
             ["error"],
         )
         self.logins = LocalCounter("session_logins", "Login attempts by outcome.", ["outcome"])
+        self.signups = LocalCounter("user_signups", "Account creations by outcome.", ["outcome"])
         self.session_cache = LocalCounter(
             "session_cache_lookups",
             "Session lookups answered by the local cache (hit) or by Redis (miss).",
@@ -85,6 +86,7 @@ class Metrics:
             self.backpressure_rejections,
             self.protocol_errors,
             self.logins,
+            self.signups,
             self.session_cache,
         )
         r.register(LocalCollector(self.local))
@@ -153,6 +155,8 @@ class Metrics:
         # event hides that event from rate() and increase().
         for outcome in ("success", "failure", "throttled"):
             self.logins.labels(outcome)
+        for outcome in ("created", "duplicate", "throttled"):
+            self.signups.labels(outcome)
         for result in ("hit", "miss"):
             self.session_cache.labels(result)
         for kind in ("BadHttpMessage", "BadStatusLine", "LineTooLong", "InvalidHeader"):

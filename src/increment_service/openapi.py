@@ -7,8 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .emails import MAX_EMAIL_CHARS
 from .sessions import COOKIE_NAME
-from .users import MAX_EMAIL_CHARS
 from .validation import MAX_KEY_CHARS, MAX_SAFE_INTEGER
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
@@ -72,11 +72,12 @@ def document() -> dict[str, Any]:
             "/api/users": {
                 "post": {
                     "operationId": "createUser",
-                    "summary": "Create a user (email unique regardless of case)",
+                    "summary": "Create a user (email unique in its normal form: NFKC, case-folded)",
                     "requestBody": {"required": True, "content": _json("NewUser")},
                     "responses": {
                         "201": {"description": "Created", "content": _json("User")},
-                        **_problems(400, 409, 413, 415, 422, 503),
+                        # 429 + Retry-After: too many account creations from one address.
+                        **_problems(400, 409, 413, 415, 422, 429, 503),
                     },
                 }
             },
@@ -187,6 +188,8 @@ def document() -> dict[str, Any]:
                             "type": "string",
                             "format": "email",
                             "maxLength": MAX_EMAIL_CHARS,
+                            "description": "no spaces, control, format, invisible, private-use "
+                            "or unassigned characters, before or after NFKC and case folding",
                         },
                         "password": {
                             "type": "string",

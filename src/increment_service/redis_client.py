@@ -1,13 +1,25 @@
-"""Redis: the client of an app (sessions and their revocation live there)."""
+"""Redis: the client of an app (sessions, their revocation and the throttles live there), and
+how a request handler calls it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import redis.asyncio
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from . import keys
+from .errors import ServiceUnavailable
+
+T = TypeVar("T")
+
+#: A request waits at most this long for Redis, then answers 503.
+REDIS_TIMEOUT_SECONDS = 2.0
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -23,3 +35,37 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.REDIS] = client
     yield
     await client.aclose()
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Redis unreachable or slow: a session or a throttle cannot be checked, so fail closed
+    with a 503."""
+    try:
+        yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise unavailable() from exc
+
+
+def unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "the session store is unavailable; retry later", headers={"Retry-After": "1"}
+    )
+
+
+async def redis_call(client: redis.asyncio.Redis, call: Callable[[], Awaitable[T]]) -> T:
+    """Redis work done while a client waits: bounded in time, a 503 when Redis fails.
+
+    After a Redis restart every idle pooled connection is dead, and the pool (no retries, see
+    redis_ctx) would hand them out one by one, failing one request each. On a connection error
+    the idle connections are dropped and ``call`` runs once more on a fresh one. Every ``call``
+    is safe to repeat: reads, SET XX, DEL, PUBLISH; a repeated throttle update leaves a count
+    off by one at most.
+    """
+    with redis_errors():
+        async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+            try:
+                return await call()
+            except RedisConnectionError:
+                await client.connection_pool.disconnect(inuse_connections=False)
+                return await call()

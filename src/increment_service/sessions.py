@@ -24,8 +24,8 @@ import re
 import secrets
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp_session
 import orjson
@@ -33,17 +33,16 @@ import redis.asyncio
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp_session.redis_storage import RedisStorage
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from . import counters, keys, throttle, users
-from .errors import ServiceUnavailable, TooManyRequests, Unauthorized, ValidationFailed
+from . import counters, emails, keys, throttle, users
+from .errors import TooManyRequests, Unauthorized, ValidationFailed
 from .metrics import Metrics
+from .redis_client import redis_call, unavailable
 from .settings import Settings
 from .validation import check_object, read_json
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 COOKIE_NAME = "INCREMENT_SESSION"
 REVOCATION_CHANNEL = "INCREMENT_SESSION:revoked"
@@ -53,8 +52,6 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 #: How long the guard trusts a session it read from Redis (further capped at idle / 4).
 CACHE_TTL_SECONDS = 1.0
 CACHE_MAX_ENTRIES = 10_000
-#: A guarded request waits at most this long for Redis, then answers 503.
-REDIS_TIMEOUT_SECONDS = 2.0
 _SUBSCRIBER_MAX_BACKOFF_SECONDS = 5.0
 
 UNAUTHORIZED = "log in first: POST /api/sessions"
@@ -286,39 +283,6 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-@contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
-    """Redis unreachable or slow: the session cannot be checked, so fail closed with a 503."""
-    try:
-        yield
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise _unavailable() from exc
-
-
-def _unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "the session store is unavailable; retry later", headers={"Retry-After": "1"}
-    )
-
-
-async def redis_call(client: redis.asyncio.Redis, call: Callable[[], Awaitable[T]]) -> T:
-    """Redis work done while a client waits: bounded in time, a 503 when Redis fails.
-
-    After a Redis restart every idle pooled connection is dead, and the pool (no retries, see
-    redis_client.py) would hand them out one by one, failing one request each. On a
-    connection error the idle connections are dropped and ``call`` runs once more on a fresh
-    one. Every ``call`` here is safe to repeat: reads, SET XX, DEL, PUBLISH; a repeated
-    throttle update leaves a count off by one at most.
-    """
-    with redis_errors():
-        async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
-            try:
-                return await call()
-            except RedisConnectionError:
-                await client.connection_pool.disconnect(inuse_connections=False)
-                return await call()
-
-
 @web.middleware
 async def _session_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # aiohttp-session's middleware, made at start-up (its storage needs the Redis client).
@@ -327,7 +291,7 @@ async def _session_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         return await request.app[keys.SESSIONS].middleware(request, handler)
     except RedisError as exc:  # the save after a login (handlers map their own Redis errors)
-        raise _unavailable() from exc
+        raise unavailable() from exc
 
 
 def with_session_middleware(handler: Handler) -> Handler:
@@ -392,11 +356,19 @@ async def read_credentials(request: web.Request) -> tuple[str, bytes | None]:
             errors.append({"pointer": f"/{name}", "detail": "must be a string"})
     if errors:
         raise ValidationFailed("the login body is invalid", errors=errors)
-    email: str = data["email"][: users.MAX_EMAIL_CHARS + 1]
+    email: str = data["email"][: emails.MAX_EMAIL_CHARS + 1]
     password = users.password_bytes(data["password"])
     if password is not None and len(password) > users.MAX_PASSWORD_BYTES:
         password = None  # bcrypt refuses these; no such password was ever accepted
     return email, password
+
+
+def login_key(email: str) -> str | None:
+    """The email key a login looks up, or None for an email no account can have."""
+    try:
+        return emails.email_key(email)
+    except emails.InvalidEmail:
+        return None
 
 
 async def login(request: web.Request) -> web.Response:
@@ -404,16 +376,21 @@ async def login(request: web.Request) -> web.Response:
     email, password = await read_credentials(request)
     app = request.app
     sessions, logins = app[keys.SESSIONS], app[keys.METRICS].logins
+    # One normal form for the lookup and the account's throttle budget. An email no account
+    # may have gets no 422 here: it simply matches nobody, like an unknown email.
+    email_key = login_key(email)
     subjects = throttle.Subjects.of(
-        email, throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
+        email_key, throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
     )
     try:
         await redis_call(sessions.redis, lambda: throttle.count_attempt(sessions.redis, subjects))
     except TooManyRequests:
         logins.labels(outcome="throttled").inc()
         raise
-    async with users.connection(request) as conn:
-        user = await users.find_by_email(conn, email)
+    user = None
+    if email_key is not None:
+        async with users.connection(request) as conn:
+            user = await users.find_by_key(conn, email_key)
     # Unknown email and wrong password take the same path: one bcrypt check, one answer.
     if not await app[keys.PASSWORDS].verify(password, user.password_hash if user else None):
         logins.labels(outcome="failure").inc()

@@ -26,13 +26,17 @@ users = sa.Table(
     "users",
     metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    # As the user wrote it: shown back, and where mail would go.
     sa.Column("email", sa.Text, nullable=False),
     sa.Column("password_hash", sa.Text, nullable=False),
     sa.Column(
         "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
-    # Emails are unique regardless of case: one account per address.
-    sa.Index("users_email_lower_key", sa.func.lower(sa.column("email")), unique=True),
+    # The email's normal form (increment_service.emails.email_key), computed in Python: one
+    # account per key, found by its key, throttled under its key. Migration 0003 gave rows
+    # that collide under it 'parked <id>', which no address normalizes to.
+    sa.Column("email_key", sa.Text, nullable=False),
+    sa.Index("users_email_key_key", "email_key", unique=True),
 )
 
 applied_batches = sa.Table(

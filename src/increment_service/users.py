@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -19,20 +18,15 @@ import bcrypt
 from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
-from . import counters, keys
-from .errors import Conflict, ServiceUnavailable, ValidationFailed
+from . import counters, emails, keys, throttle
+from .errors import Conflict, ServiceUnavailable, TooManyRequests, ValidationFailed
+from .redis_client import redis_call
 from .validation import check_object, read_json
 
 #: bcrypt work factor: about a quarter to half a second per hash on a server core.
 BCRYPT_ROUNDS = 12
 #: bcrypt reads at most 72 bytes; longer passwords are refused, never silently truncated.
 MIN_PASSWORD_BYTES, MAX_PASSWORD_BYTES = 8, 72
-MAX_EMAIL_CHARS = 254  # RFC 5321 path limit
-
-# Something@something.tld, without spaces, control characters or lone surrogates (Postgres
-# text cannot hold those). Deliverability is the mail server's business, not ours.
-_ATOM = r"[^@\s\x00-\x1f\x7f-\x9f\ud800-\udfff]+"
-_EMAIL = re.compile(rf"{_ATOM}@{_ATOM}\.{_ATOM}")
 DB_TIMEOUT_SECONDS = 5.0
 
 #: A connection of its own or one lent by the pool: the storage functions take either.
@@ -43,7 +37,7 @@ Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record
 @dataclasses.dataclass(frozen=True, slots=True)
 class User:
     id: uuid.UUID
-    email: str
+    email: str  # as the user wrote it; accounts are told apart by its emails.email_key
     password_hash: bytes
 
 
@@ -54,14 +48,15 @@ class DuplicateEmail(Exception):
 # --- storage -------------------------------------------------------------------------------
 
 
-async def insert(conn: Connection, email: str, password_hash: bytes) -> User:
-    """Insert a user; DuplicateEmail if the address exists in any letter case."""
+async def insert(conn: Connection, email: str, email_key: str, password_hash: bytes) -> User:
+    """Insert a user; DuplicateEmail if an account has the same email key."""
     user_id = uuid.uuid4()
     try:
         await conn.execute(
-            "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)",
+            "INSERT INTO users (id, email, email_key, password_hash) VALUES ($1, $2, $3, $4)",
             user_id,
             email,
+            email_key,
             password_hash.decode("ascii"),
         )
     except asyncpg.UniqueViolationError:
@@ -69,10 +64,10 @@ async def insert(conn: Connection, email: str, password_hash: bytes) -> User:
     return User(user_id, email, password_hash)
 
 
-async def find_by_email(conn: Connection, email: str) -> User | None:
-    # lower(email) on both sides: the lookup uses the unique index users_email_lower_key.
+async def find_by_key(conn: Connection, email_key: str) -> User | None:
+    """The user whose email has this normal form (emails.email_key), by its unique index."""
     row = await conn.fetchrow(
-        "SELECT id, email, password_hash FROM users WHERE lower(email) = lower($1)", email
+        "SELECT id, email, password_hash FROM users WHERE email_key = $1", email_key
     )
     if row is None:
         return None
@@ -156,17 +151,19 @@ def password_bytes(password: str) -> bytes | None:
 # --- validation and the handler ------------------------------------------------------------
 
 
-def check_email(data: dict[str, Any], errors: list[dict[str, str]]) -> str:
+def check_email(data: dict[str, Any], errors: list[dict[str, str]]) -> tuple[str, str]:
+    """The email as given and its key (emails.email_key)."""
     email = data.get("email")
     if "email" not in data:
-        return ""
+        return "", ""
     if not isinstance(email, str):
         errors.append({"pointer": "/email", "detail": "must be a string"})
-    elif len(email) > MAX_EMAIL_CHARS or not _EMAIL.fullmatch(email):
-        errors.append({"pointer": "/email", "detail": "must be an email address"})
-    else:
-        return email
-    return ""
+        return "", ""
+    try:
+        return email, emails.email_key(email)
+    except emails.InvalidEmail as exc:
+        errors.append({"pointer": "/email", "detail": str(exc)})
+        return "", ""
 
 
 def check_password(data: dict[str, Any], errors: list[dict[str, str]]) -> bytes:
@@ -191,24 +188,36 @@ def check_password(data: dict[str, Any], errors: list[dict[str, str]]) -> bytes:
     return b""
 
 
-async def read_new_user(request: web.Request) -> tuple[str, bytes]:
+async def read_new_user(request: web.Request) -> tuple[str, str, bytes]:
+    """Email, email key and password bytes of a valid body; ValidationFailed otherwise."""
     errors: list[dict[str, str]] = []
     data = check_object(await read_json(request), ("email", "password"), errors)
-    email = check_email(data, errors)
+    email, email_key = check_email(data, errors)
     password = check_password(data, errors)
     if errors:
         raise ValidationFailed("the user body is invalid", errors=errors)
-    return email, password
+    return email, email_key, password
 
 
 async def create_user(request: web.Request) -> web.Response:
-    email, password = await read_new_user(request)
-    password_hash = await request.app[keys.PASSWORDS].hash(password)
+    email, email_key, password = await read_new_user(request)
+    app = request.app
+    client, signups = app[keys.REDIS], app[keys.METRICS].signups
+    # Counted before the hash: a flood of valid bodies costs one Redis call each, not bcrypt.
+    address = throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
+    try:
+        await redis_call(client, lambda: throttle.count_signup(client, address))
+    except TooManyRequests:
+        signups.labels(outcome="throttled").inc()
+        raise
+    password_hash = await app[keys.PASSWORDS].hash(password)
     async with connection(request) as conn:
         try:
-            user = await insert(conn, email, password_hash)
+            user = await insert(conn, email, email_key, password_hash)
         except DuplicateEmail:
+            signups.labels(outcome="duplicate").inc()
             raise Conflict("a user with that email exists") from None
+    signups.labels(outcome="created").inc()
     return web.json_response(
         {"id": str(user.id), "email": user.email}, status=201, dumps=counters.dumps
     )
