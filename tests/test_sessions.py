@@ -99,6 +99,11 @@ async def login(client: TestClient, address: str, password: str = PASSWORD, **kw
     return set_cookie(response)[COOKIE].value
 
 
+def redis_key(client: TestClient, session_id: str) -> str:
+    """Where the service keeps a session (the store's one copy of RedisStorage's format)."""
+    return client.app[keys.SESSIONS].redis_key(session_id)
+
+
 async def whoami(client: TestClient, session_id: str) -> int:
     return (await client.get("/api/sessions", headers=cookie_header(session_id))).status
 
@@ -157,7 +162,7 @@ async def test_flow_end_to_end_and_logout_reaches_another_replica(
     cleared = set_cookie(logout)[COOKIE]
     assert cleared.value == ""
     assert cleared["max-age"] == "0"
-    assert not await redis_client.exists(sessions.redis_key(sid))
+    assert not await redis_client.exists(redis_key(a, sid))
     assert await whoami(a, sid) == 401
     status, elapsed = await poll_status(b, sid, 401, within=1.5)
     assert status == 401
@@ -184,7 +189,7 @@ async def test_a_lost_revocation_message_expires_within_a_second(
     await create_user(api, address)
     sid = await login(api, address)
     assert await whoami(api, sid) == 200  # cached now
-    await redis_client.delete(sessions.redis_key(sid))
+    await redis_client.delete(redis_key(api, sid))
     status, elapsed = await poll_status(api, sid, 401, within=2.0)
     assert status == 401
     assert elapsed <= sessions.CACHE_TTL_SECONDS + 0.1
@@ -231,8 +236,18 @@ async def test_a_foreign_value_under_a_session_key_is_no_session(
     api: TestClient, redis_client: redis.asyncio.Redis
 ) -> None:
     sid = sessions.new_session_id()
-    for value in (b"{}", b"not json", b'{"session": {"user_id": "u"}}'):
-        await redis_client.set(sessions.redis_key(sid), value)
+    foreign = (
+        b"{}",
+        b"not json",
+        b"\xff",
+        b"[1, 2]",
+        b"5",
+        b'{"session": 5}',
+        b'{"created": "x", "session": {"user_id": "u", "created_at": 1, "last_seen": 1}}',
+        b'{"session": {"user_id": "u"}}',
+    )
+    for value in foreign:
+        await redis_client.set(redis_key(api, sid), value)
         assert await whoami(api, sid) == 401
 
 
@@ -276,7 +291,7 @@ async def test_login_gives_a_new_id_whatever_cookie_was_planted(
         assert await whoami(api, sid) == 200
         # The planted id is dead (rotation), not upgraded to the victim's session.
         assert await whoami(api, planted) == 401
-        assert not await redis_client.exists(sessions.redis_key(planted))
+        assert not await redis_client.exists(redis_key(api, planted))
 
 
 async def test_idle_timeout(make_client: MakeClient, settings: Settings) -> None:
@@ -792,7 +807,7 @@ def test_the_session_middleware_warning_is_silenced_precisely() -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("error")
-        sessions.with_session_middleware(sessions.login)
+        sessions.silence_session_key_warning()
         warnings.warn_explicit(
             "It is recommended to use web.RequestKey instances for keys.",
             web.NotAppKeyWarning,

@@ -100,7 +100,7 @@ def run_worker(settings: Settings) -> None:
     import uvloop
     from aiohttp import web
 
-    from .app import create_app, request_drain_seconds
+    from .app import create_app
     from .logs import setup_logging
 
     setup_logging(settings)  # again: a spawned worker starts with a fresh interpreter
@@ -113,7 +113,7 @@ def run_worker(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         reuse_port=settings.workers > 1,
-        shutdown_timeout=request_drain_seconds(settings),
+        shutdown_timeout=settings.request_drain_seconds,
         access_log=None,  # the observe middleware logs each request as JSON
         print=None,
         loop=uvloop.new_event_loop(),

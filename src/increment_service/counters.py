@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from . import db
 from .db import Connection
-
-
-def dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
 
 
 async def get(conn: Connection, key: str) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # imported for annotations only: these modules import keys
 
     from .logs import AccessLog
     from .metrics import Metrics
-    from .sessions import Sessions
+    from .sessions import SessionStore
     from .users import Passwords
     from .writebehind import WriteBehind
 
@@ -24,7 +24,7 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", redis.asyncio.Redis)
 WRITE_BEHIND: web.AppKey[WriteBehind] = web.AppKey("write_behind")
-SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
+SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 #: Only set when tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT).
 TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")

@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -178,11 +177,6 @@ class Metrics:
         directory = multiprocess_dir()
         if directory is not None:
             write_snapshot(self.local, directory, os.getpid())
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = request.app[keys.METRICS].exposition()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def open_fds() -> int | None:

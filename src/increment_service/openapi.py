@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
 from . import __version__
 from .emails import MAX_EMAIL_CHARS
 from .sessions import COOKIE_NAME
@@ -249,7 +247,3 @@ def document() -> dict[str, Any]:
             },
         },
     }
-
-
-async def handler(request: web.Request) -> web.Response:
-    return web.json_response(document())

@@ -1,11 +1,20 @@
-"""Cookie sessions in Redis: login, logout, and the guard of the /api surface.
+"""Cookie sessions in Redis: the store, its cache, revocation, and the guard.
 
-Login and logout go through aiohttp-session (``RedisStorage``, cookie ``INCREMENT_SESSION``,
-Redis key ``INCREMENT_SESSION_<id>``). The guard reads the same keys itself, because it runs
-on every guarded request and a Redis round trip per request would cap throughput: it keeps a
-short per-process cache of session id -> session, and every replica evicts a revoked id as
-soon as logout publishes it on ``REVOCATION_CHANNEL``. The cache's TTL bounds how long a
-revoked session may still be accepted if that message is lost.
+``SessionStore`` is aiohttp-session's ``RedisStorage`` (cookie ``INCREMENT_SESSION``, Redis key
+``INCREMENT_SESSION_<id>``) with a per-process cache in front of its ``load_session``: the
+guard runs on every guarded request, and a Redis round trip per request would cap throughput.
+Login writes a session through aiohttp-session (``new_session`` and its middleware, on the
+login route only); logout deletes it and tells every replica (``REVOCATION_CHANNEL``), which
+evict it from their caches at once. The cache's TTL bounds how long a revoked session may still
+be accepted if that message is lost.
+
+The cache, per session id:
+
+* a hit costs no I/O and no await;
+* misses are single-flighted: one Redis read per session, every concurrent request of that
+  session waits on it (once, every request of a busy session missed at the same moment);
+* an entry in use is refreshed in the background after half its TTL, so a busy session never
+  misses at all, and its ``last_seen`` (the idle timeout) moves on.
 
 Timeouts are enforced here, not by aiohttp-session (whose ``created`` is really "last
 written"): the session holds ``created_at`` and ``last_seen`` (Unix seconds), the Redis TTL is
@@ -27,20 +36,18 @@ import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp_session
 import orjson
 import redis.asyncio
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp_session import Session
 from aiohttp_session.redis_storage import RedisStorage
 from redis.exceptions import RedisError
 
-from . import counters, emails, keys, throttle, users
-from .errors import TooManyRequests, Unauthorized, ValidationFailed
+from . import keys
+from .errors import Unauthorized
 from .metrics import Metrics
-from .redis_client import redis_call, unavailable
+from .redis_client import redis_call
 from .settings import Settings
-from .validation import check_object, read_json
 
 log = logging.getLogger(__name__)
 
@@ -55,49 +62,26 @@ CACHE_MAX_ENTRIES = 10_000
 _SUBSCRIBER_MAX_BACKOFF_SECONDS = 5.0
 
 UNAUTHORIZED = "log in first: POST /api/sessions"
-BAD_CREDENTIALS = "the email or the password is wrong"
 
 
 def new_session_id() -> str:
     return secrets.token_urlsafe(SESSION_ID_BYTES)
 
 
-def redis_key(session_id: str) -> str:
-    """The key RedisStorage uses for a session id (``cookie_name + "_" + id``)."""
-    return f"{COOKIE_NAME}_{session_id}"
-
-
 def _encode(obj: object) -> str:
     return orjson.dumps(obj).decode()
 
 
-class SessionStorage(RedisStorage):
-    """RedisStorage with our id generator, codec and cookie attributes.
-
-    The cookie is a browser-session cookie (no Max-Age/Expires): it is dropped when the
-    browser closes, and the lifetime that matters is enforced server-side. aiohttp-session
-    passes ``session.max_age`` to both the cookie and the Redis expiry; only the Redis expiry
-    (the idle timeout, capped by the absolute one) should get it.
-    """
-
-    def __init__(self, client: redis.asyncio.Redis, *, secure: bool) -> None:
-        super().__init__(
-            client,
-            cookie_name=COOKIE_NAME,
-            path="/",
-            httponly=True,
-            samesite="Lax",
-            secure=secure or None,
-            max_age=None,
-            key_factory=new_session_id,
-            encoder=_encode,
-            decoder=orjson.loads,
-        )
-
-    def save_cookie(
-        self, response: web.StreamResponse, cookie_data: str, *, max_age: int | None = None
-    ) -> None:
-        super().save_cookie(response, cookie_data, max_age=None)
+def silence_session_key_warning() -> None:
+    """aiohttp-session keeps its storage and session under string request keys, and aiohttp
+    3.14 warns about every string key (NotAppKeyWarning). The keys are the library's, not ours
+    to change: ignore exactly that warning, from that module (idempotent)."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"It is recommended to use web\.RequestKey",
+        category=web.NotAppKeyWarning,
+        module=r"aiohttp_session\Z",
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,26 +92,53 @@ class SessionInfo:
     last_seen: float
     expires_at: float  # the earlier of the absolute and the idle deadline (Unix seconds)
 
+    def as_session(self) -> Session:
+        """The aiohttp-session ``Session`` of this entry (a new object: callers may change it)."""
+        data = {"user_id": self.user_id, "created_at": self.created_at, "last_seen": self.last_seen}
+        return Session(
+            self.session_id, data={"created": int(self.last_seen), "session": data}, new=False
+        )
+
 
 @dataclasses.dataclass(slots=True)
 class _Entry:
     info: SessionInfo
     fresh_until: float  # time.monotonic()
+    refresh_after: float  # time.monotonic(): a hit after this refreshes the entry
 
 
-class Sessions:
-    """The sessions of one app (one replica): lookups through a small cache, revocation."""
+class SessionStore(RedisStorage):
+    """RedisStorage with our ids, codec, cookie attributes and timeouts, and the cache.
+
+    The cookie is a browser-session cookie (no Max-Age/Expires): it is dropped when the
+    browser closes, and the lifetime that matters is enforced server-side. aiohttp-session
+    passes ``session.max_age`` to both the cookie and the Redis expiry; only the Redis expiry
+    (the idle timeout, capped by the absolute one) should get it, hence ``save_cookie``.
+    """
 
     def __init__(self, client: redis.asyncio.Redis, settings: Settings, metrics: Metrics) -> None:
+        super().__init__(
+            client,
+            cookie_name=COOKIE_NAME,
+            path="/",
+            httponly=True,
+            samesite="Lax",
+            secure=settings.cookie_secure or None,
+            max_age=None,
+            key_factory=new_session_id,
+            encoder=_encode,
+            decoder=orjson.loads,
+        )
         self.redis = client
-        self.storage = SessionStorage(client, secure=settings.cookie_secure)
-        self.middleware: Middleware = aiohttp_session.session_middleware(self.storage)
-        self.max_age = float(settings.session_max_age_seconds)
-        self.idle = float(settings.session_idle_seconds)
-        # A cache hit does not refresh last_seen, so the idle timeout counts from the last
-        # cache miss: the cache TTL must be small next to it.
-        self.cache_ttl = min(CACHE_TTL_SECONDS, self.idle / 4)
+        # (Not max_age: the storage's own max_age, None here, is what the cookie would get.)
+        self.absolute_seconds = float(settings.session_max_age_seconds)
+        self.idle_seconds = float(settings.session_idle_seconds)
+        # Refreshes keep last_seen within a cache TTL of the truth: small next to the idle
+        # timeout.
+        self.cache_ttl = min(CACHE_TTL_SECONDS, self.idle_seconds / 4)
         self._cache: dict[str, _Entry] = {}
+        self._loading: dict[str, asyncio.Future[SessionInfo | None]] = {}
+        self._refreshes: set[asyncio.Task[None]] = set()
         # Bumped by every eviction: a lookup that started before one does not cache its result
         # (it may have read a session that has been deleted since).
         self._epoch = 0
@@ -137,74 +148,105 @@ class Sessions:
         self.closing = False
         self._hit = metrics.session_cache.labels(result="hit")
         self._miss = metrics.session_cache.labels(result="miss")
+        self._refresh = metrics.session_cache.labels(result="refresh")
 
-    # -- timeouts --
+    # -- aiohttp-session's storage ---------------------------------------------------------
 
-    def initial_data(self, user_id: str, now: float) -> dict[str, Any]:
-        return {"user_id": user_id, "created_at": now, "last_seen": now}
+    def redis_key(self, session_id: str) -> str:
+        """Where RedisStorage keeps a session (``cookie_name + "_" + id``): the one copy of
+        its key format here, for what the storage has no method for (touch, revoke)."""
+        return f"{self.cookie_name}_{session_id}"
 
-    def initial_ttl_seconds(self) -> int:
-        return int(min(self.idle, self.max_age))
+    def save_cookie(
+        self, response: web.StreamResponse, cookie_data: str, *, max_age: int | None = None
+    ) -> None:
+        super().save_cookie(response, cookie_data, max_age=None)
 
-    def _expires_at(self, created_at: float, last_seen: float) -> float:
-        return min(created_at + self.max_age, last_seen + self.idle)
-
-    # -- the cache --
-
-    def evict(self, session_id: str) -> None:
-        self._epoch += 1
-        self._cache.pop(session_id, None)
-
-    def clear(self) -> None:
-        self._epoch += 1
-        self._cache.clear()
-
-    def _remember(self, info: SessionInfo, fresh_until: float) -> None:
-        cache = self._cache
-        cache.pop(info.session_id, None)  # re-inserted last: the dict is oldest-first
-        if len(cache) >= CACHE_MAX_ENTRIES:
-            del cache[next(iter(cache))]
-        cache[info.session_id] = _Entry(info, fresh_until)
-
-    # -- lookups --
-
-    def cached(self, session_id: str) -> SessionInfo | None:
-        """The session from this replica's cache if the entry is fresh; no Redis, no await."""
-        entry = self._cache.get(session_id)
-        if entry is None:
+    def session_id(self, request: web.Request) -> str | None:
+        """The cookie's session id, if it is shaped like one of ours (else no Redis call)."""
+        value = self.load_cookie(request)
+        if value is None or not _SESSION_ID.fullmatch(value):
             return None
-        if entry.fresh_until > time.monotonic() and time.time() < entry.info.expires_at:
-            self._hit.inc()
-            return entry.info
-        # Stale, or past the deadline this replica knows of (another replica may have seen
-        # the session since): ask Redis.
-        self._cache.pop(session_id, None)
-        return None
+        return value
 
-    async def fetch(self, session_id: str) -> SessionInfo | None:
-        """The live session from Redis (touched and cached), or None. Raises if Redis fails."""
+    async def load_session(self, request: web.Request) -> Session:
+        info = await self.load(request)
+        return Session(None, data=None, new=True) if info is None else info.as_session()
+
+    # -- the cache in front of it ----------------------------------------------------------
+
+    async def load(self, request: web.Request) -> SessionInfo | None:
+        """The request's live session: from the cache, else read once from Redis (a 503 when
+        Redis cannot say)."""
+        session_id = self.session_id(request)
+        if session_id is None:
+            return None
+        entry = self._cache.get(session_id)
+        if entry is not None:
+            now = time.monotonic()
+            if now < entry.fresh_until and time.time() < entry.info.expires_at:
+                self._hit.inc()
+                if now >= entry.refresh_after and session_id not in self._loading:
+                    self._refresh_in_background(request, session_id)
+                return entry.info
+            # Stale, or past the deadline this replica knows of (another replica may have
+            # seen the session since): ask Redis.
+            self._cache.pop(session_id, None)
         self._miss.inc()
+        return await redis_call(self.redis, lambda: self._load_once(request, session_id))
+
+    def _load_once(
+        self, request: web.Request, session_id: str
+    ) -> asyncio.Future[SessionInfo | None]:
+        """One read from Redis per session at a time; whoever asks meanwhile shares it."""
+        loading = self._loading.get(session_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._fetch(request, session_id))
+            self._loading[session_id] = loading
+            loading.add_done_callback(lambda done: self._settled(session_id, done))
+        # Shielded: a waiter that gives up (its own timeout) does not cancel the others' read.
+        return asyncio.shield(loading)
+
+    def _settled(self, session_id: str, done: asyncio.Future[SessionInfo | None]) -> None:
+        if self._loading.get(session_id) is done:
+            del self._loading[session_id]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have given up already
+
+    def _refresh_in_background(self, request: web.Request, session_id: str) -> None:
+        self._refresh.inc()
+
+        async def refresh() -> None:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                # A failure leaves the entry to expire; the next request then asks itself.
+                await asyncio.wait_for(self._load_once(request, session_id), CACHE_TTL_SECONDS)
+
+        task = asyncio.create_task(refresh(), name="session refresh")
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _fetch(self, request: web.Request, session_id: str) -> SessionInfo | None:
+        """The live session from Redis (touched and cached), or None. Raises if Redis fails."""
         started, epoch = time.monotonic(), self._epoch
-        info = await self._load(session_id)
-        if info is not None and epoch == self._epoch:
+        info = await self._read_and_touch(request, session_id)
+        if info is None:
+            self.evict(session_id)
+        elif epoch == self._epoch:
             # Fresh from when the read started, so a revocation is honoured within cache_ttl.
-            self._remember(info, started + self.cache_ttl)
+            self._remember(info, started)
         return info
 
-    async def _load(self, session_id: str) -> SessionInfo | None:
-        key = redis_key(session_id)
-        raw = await self.redis.get(key)
-        if raw is None:
-            return None
+    async def _read_and_touch(self, request: web.Request, session_id: str) -> SessionInfo | None:
         try:
-            data = orjson.loads(raw)
-            session = data["session"]
+            session = await super().load_session(request)  # the storage's read: GET, decode
             user_id = str(session["user_id"])
             created_at = float(session["created_at"])
             last_seen = float(session["last_seen"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            # Not a session this service wrote (or an emptied one): no session.
+        except (AttributeError, KeyError, TypeError, ValueError):
+            # No session, an emptied one, or not one this service wrote (aiohttp-session's
+            # Session expects an object with a numeric "created"): no session.
             return None
+        key = self.redis_key(session_id)
         now = time.time()
         if now >= self._expires_at(created_at, last_seen):
             # Redis expires keys on the same deadlines; this catches settings shortened since
@@ -216,19 +258,48 @@ class Sessions:
         session["last_seen"] = now
         expires_at = self._expires_at(created_at, now)
         ttl_ms = max(1, math.ceil((expires_at - now) * 1000))
-        if not await self.redis.set(key, orjson.dumps(data), px=ttl_ms, xx=True):
+        data = {"created": session.created, "session": dict(session)}
+        if not await self.redis.set(key, self._encoder(data), px=ttl_ms, xx=True):
             return None
         return SessionInfo(session_id, user_id, created_at, now, expires_at)
+
+    def _remember(self, info: SessionInfo, started: float) -> None:
+        cache = self._cache
+        cache.pop(info.session_id, None)  # re-inserted last: the dict is oldest-first
+        if len(cache) >= CACHE_MAX_ENTRIES:
+            del cache[next(iter(cache))]
+        cache[info.session_id] = _Entry(
+            info, started + self.cache_ttl, started + self.cache_ttl / 2
+        )
+
+    def evict(self, session_id: str) -> None:
+        self._epoch += 1
+        self._cache.pop(session_id, None)
+
+    def clear(self) -> None:
+        self._epoch += 1
+        self._cache.clear()
+
+    # -- timeouts ------------------------------------------------------------------------
+
+    def initial_data(self, user_id: str, now: float) -> dict[str, Any]:
+        return {"user_id": user_id, "created_at": now, "last_seen": now}
+
+    def initial_ttl_seconds(self) -> int:
+        return int(min(self.idle_seconds, self.absolute_seconds))
+
+    def _expires_at(self, created_at: float, last_seen: float) -> float:
+        return min(created_at + self.absolute_seconds, last_seen + self.idle_seconds)
+
+    # -- revocation ----------------------------------------------------------------------
 
     async def revoke(self, session_id: str) -> None:
         """Delete the session and tell every replica to drop it from its cache."""
         self.evict(session_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(redis_key(session_id))
+            pipe.delete(self.redis_key(session_id))
             pipe.publish(REVOCATION_CHANNEL, session_id)
             await pipe.execute()
-
-    # -- revocations from other replicas --
 
     async def listen_for_revocations(self) -> None:
         """Evict the ids published on REVOCATION_CHANNEL, for as long as the app runs.
@@ -266,6 +337,11 @@ class Sessions:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _SUBSCRIBER_MAX_BACKOFF_SECONDS)
 
+    async def close(self) -> None:
+        for task in list(self._refreshes):
+            task.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
+
 
 def _text(data: Any) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
@@ -273,159 +349,20 @@ def _text(data: Any) -> str:
 
 async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     """Registered after redis_ctx: needs the client, and stops before it closes."""
-    sessions = Sessions(app[keys.REDIS], app[keys.SETTINGS], app[keys.METRICS])
-    app[keys.SESSIONS] = sessions
-    task = asyncio.create_task(sessions.listen_for_revocations(), name="session revocations")
+    store = SessionStore(app[keys.REDIS], app[keys.SETTINGS], app[keys.METRICS])
+    app[keys.SESSIONS] = store
+    task = asyncio.create_task(store.listen_for_revocations(), name="session revocations")
     yield
-    sessions.closing = True
+    store.closing = True
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-@web.middleware
-async def _session_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    # aiohttp-session's middleware, made at start-up (its storage needs the Redis client).
-    # It loads nothing by itself: only get_session/new_session touch Redis, and it saves only
-    # a session that was loaded and changed, so routes that never ask stay Redis-free.
-    try:
-        return await request.app[keys.SESSIONS].middleware(request, handler)
-    except RedisError as exc:  # the save after a login (handlers map their own Redis errors)
-        raise unavailable() from exc
-
-
-def with_session_middleware(handler: Handler) -> Handler:
-    """aiohttp-session's middleware around one handler. Only login creates a session through
-    aiohttp-session, so only login pays for its middleware (measured: a middleware on every
-    route cost the hot path several per cent)."""
-    # aiohttp-session keeps its storage and session under string request keys, and aiohttp
-    # 3.14 warns about every string key (once per key and process) with NotAppKeyWarning. The
-    # keys are the library's, not ours to change: silence exactly that warning from there.
-    warnings.filterwarnings(
-        "ignore",
-        message=r"It is recommended to use web\.RequestKey",
-        category=web.NotAppKeyWarning,
-        module=r"aiohttp_session\Z",
-    )
-
-    async def with_session(request: web.Request) -> web.StreamResponse:
-        return await _session_middleware(request, handler)
-
-    return with_session
-
-
-# --- the guard ------------------------------------------------------------------------------
-
-
-def cookie_session_id(request: web.Request) -> str | None:
-    """The session id of the cookie, if it is shaped like one of ours (else no Redis call)."""
-    value = request.cookies.get(COOKIE_NAME)
-    if value is None or not _SESSION_ID.fullmatch(value):
-        return None
-    return value
-
-
-async def current_session(request: web.Request) -> SessionInfo | None:
-    session_id = cookie_session_id(request)
-    if session_id is None:
-        return None
-    sessions = request.app[keys.SESSIONS]
-    # The hot path: a cache hit costs no Redis round trip and no timeout handle.
-    return sessions.cached(session_id) or await redis_call(
-        sessions.redis, lambda: sessions.fetch(session_id)
-    )
+    await store.close()
 
 
 async def require_session(request: web.Request) -> SessionInfo:
-    """The request's live session, or 401 (503 if Redis cannot say)."""
-    session = await current_session(request)
+    """The guard: the request's live session, or 401 (503 if Redis cannot say)."""
+    session = await request.app[keys.SESSIONS].load(request)
     if session is None:
         raise Unauthorized(UNAUTHORIZED)
     return session
-
-
-# --- handlers -------------------------------------------------------------------------------
-
-
-async def read_credentials(request: web.Request) -> tuple[str, bytes | None]:
-    """Email and password bytes (None when they could never match: the check still runs)."""
-    errors: list[dict[str, str]] = []
-    data = check_object(await read_json(request), ("email", "password"), errors)
-    for name in ("email", "password"):
-        if name in data and not isinstance(data[name], str):
-            errors.append({"pointer": f"/{name}", "detail": "must be a string"})
-    if errors:
-        raise ValidationFailed("the login body is invalid", errors=errors)
-    email: str = data["email"][: emails.MAX_EMAIL_CHARS + 1]
-    password = users.password_bytes(data["password"])
-    if password is not None and len(password) > users.MAX_PASSWORD_BYTES:
-        password = None  # bcrypt refuses these; no such password was ever accepted
-    return email, password
-
-
-def login_key(email: str) -> str | None:
-    """The email key a login looks up, or None for an email no account can have."""
-    try:
-        return emails.email_key(email)
-    except emails.InvalidEmail:
-        return None
-
-
-async def login(request: web.Request) -> web.Response:
-    """POST /api/sessions: check the credentials, start a session under a new id."""
-    email, password = await read_credentials(request)
-    app = request.app
-    sessions, logins = app[keys.SESSIONS], app[keys.METRICS].logins
-    # One normal form for the lookup and the account's throttle budget. An email no account
-    # may have gets no 422 here: it simply matches nobody, like an unknown email.
-    email_key = login_key(email)
-    subjects = throttle.Subjects.of(
-        email_key, throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
-    )
-    try:
-        await redis_call(sessions.redis, lambda: throttle.count_attempt(sessions.redis, subjects))
-    except TooManyRequests:
-        logins.labels(outcome="throttled").inc()
-        raise
-    user = None
-    if email_key is not None:
-        async with users.connection(request) as conn:
-            user = await users.find_by_key(conn, email_key)
-    # Unknown email and wrong password take the same path: one bcrypt check, one answer.
-    if not await app[keys.PASSWORDS].verify(password, user.password_hash if user else None):
-        logins.labels(outcome="failure").inc()
-        raise Unauthorized(BAD_CREDENTIALS)
-    assert user is not None  # verify() is False without a stored hash
-    # Rotation: whatever id the browser brought (a planted one included) ends here; the
-    # session below gets a fresh id from new_session.
-    previous = cookie_session_id(request)
-
-    async def succeeded() -> None:
-        await throttle.record_success(sessions.redis, subjects)
-        if previous is not None:
-            await sessions.revoke(previous)
-
-    await redis_call(sessions.redis, succeeded)
-    session = await aiohttp_session.new_session(request)
-    session.update(sessions.initial_data(str(user.id), time.time()))
-    session.max_age = sessions.initial_ttl_seconds()  # the Redis expiry (see SessionStorage)
-    logins.labels(outcome="success").inc()
-    # aiohttp-session's middleware writes the session to Redis and sets the cookie.
-    return web.json_response({"userId": str(user.id)}, status=201, dumps=counters.dumps)
-
-
-async def read(request: web.Request) -> web.Response:
-    """GET /api/sessions: who is logged in."""
-    session = await require_session(request)
-    return web.json_response({"userId": session.user_id}, dumps=counters.dumps)
-
-
-async def logout(request: web.Request) -> web.Response:
-    """DELETE /api/sessions: delete the session everywhere; 204 with or without one."""
-    session_id = cookie_session_id(request)
-    sessions = request.app[keys.SESSIONS]
-    if session_id is not None:
-        await redis_call(sessions.redis, lambda: sessions.revoke(session_id))
-    response = web.Response(status=204)
-    sessions.storage.save_cookie(response, "")  # aiohttp-session's way to delete the cookie
-    return response

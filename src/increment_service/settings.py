@@ -76,6 +76,16 @@ class Settings:
             if not ok:
                 raise SettingsError(f"{name} {why}")
 
+    @property
+    def request_drain_seconds(self) -> float:
+        """At SIGTERM, how long in-flight requests may take to finish."""
+        return self.shutdown_timeout_seconds * 0.25
+
+    @property
+    def final_flush_seconds(self) -> float:
+        """At SIGTERM, once requests have drained: the final flush's share of the budget."""
+        return self.shutdown_timeout_seconds * 0.7
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every setting from ``environ`` (default ``os.environ``); unset means default."""

@@ -18,6 +18,9 @@ from aiohttp import web
 from . import keys
 from .middleware import route_label
 
+#: The instrumentation name of every span the service makes.
+TRACER_NAME = "increment_service"
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Tracer

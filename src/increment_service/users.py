@@ -1,37 +1,25 @@
-"""Users: storage (functions taking a connection), passwords (bcrypt off the event loop) and
-the handler of POST /api/users."""
+"""Users: storage (functions taking a connection) and passwords (bcrypt off the event loop)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import bcrypt
 from aiohttp import web
-from asyncpg.pool import PoolConnectionProxy
 
-from . import counters, emails, keys, throttle
-from .errors import Conflict, ServiceUnavailable, TooManyRequests, ValidationFailed
-from .redis_client import redis_call
-from .validation import check_object, read_json
+from . import keys
+from .db import Connection
 
 #: bcrypt work factor: about a quarter to half a second per hash on a server core.
 BCRYPT_ROUNDS = 12
-#: bcrypt reads at most 72 bytes; longer passwords are refused, never silently truncated.
-MIN_PASSWORD_BYTES, MAX_PASSWORD_BYTES = 8, 72
-DB_TIMEOUT_SECONDS = 5.0
-
-#: A connection of its own or one lent by the pool: the storage functions take either.
-# (A string: PoolConnectionProxy is generic only in the type stubs.)
-Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,24 +60,6 @@ async def find_by_key(conn: Connection, email_key: str) -> User | None:
     if row is None:
         return None
     return User(row["id"], row["email"], row["password_hash"].encode("ascii"))
-
-
-@contextlib.asynccontextmanager
-async def connection(request: web.Request) -> AsyncIterator[Connection]:
-    """A pooled connection; Postgres unreachable is a 503, not a 500."""
-    try:
-        async with request.app[keys.PG_POOL].acquire(timeout=DB_TIMEOUT_SECONDS) as conn:
-            yield conn
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,  # Postgres starting or shutting down
-        asyncpg.InterfaceError,  # "connection is closed" mid-query
-    ) as exc:
-        raise ServiceUnavailable(
-            "the user database is unavailable; retry later", headers={"Retry-After": "1"}
-        ) from exc
 
 
 # --- passwords -----------------------------------------------------------------------------
@@ -138,86 +108,3 @@ async def passwords_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.PASSWORDS] = passwords
     yield
     passwords.close()
-
-
-def password_bytes(password: str) -> bytes | None:
-    """The UTF-8 bytes bcrypt sees, or None if the text cannot be encoded (lone surrogates)."""
-    try:
-        return password.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-
-
-# --- validation and the handler ------------------------------------------------------------
-
-
-def check_email(data: dict[str, Any], errors: list[dict[str, str]]) -> tuple[str, str]:
-    """The email as given and its key (emails.email_key)."""
-    email = data.get("email")
-    if "email" not in data:
-        return "", ""
-    if not isinstance(email, str):
-        errors.append({"pointer": "/email", "detail": "must be a string"})
-        return "", ""
-    try:
-        return email, emails.email_key(email)
-    except emails.InvalidEmail as exc:
-        errors.append({"pointer": "/email", "detail": str(exc)})
-        return "", ""
-
-
-def check_password(data: dict[str, Any], errors: list[dict[str, str]]) -> bytes:
-    password = data.get("password")
-    if "password" not in data:
-        return b""
-    if not isinstance(password, str):
-        errors.append({"pointer": "/password", "detail": "must be a string"})
-        return b""
-    encoded = password_bytes(password)
-    if encoded is None:
-        errors.append({"pointer": "/password", "detail": "must be valid Unicode"})
-    elif not MIN_PASSWORD_BYTES <= len(encoded) <= MAX_PASSWORD_BYTES:
-        errors.append(
-            {
-                "pointer": "/password",
-                "detail": f"must be {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes in UTF-8",
-            }
-        )
-    else:
-        return encoded
-    return b""
-
-
-async def read_new_user(request: web.Request) -> tuple[str, str, bytes]:
-    """Email, email key and password bytes of a valid body; ValidationFailed otherwise."""
-    errors: list[dict[str, str]] = []
-    data = check_object(await read_json(request), ("email", "password"), errors)
-    email, email_key = check_email(data, errors)
-    password = check_password(data, errors)
-    if errors:
-        raise ValidationFailed("the user body is invalid", errors=errors)
-    return email, email_key, password
-
-
-async def create_user(request: web.Request) -> web.Response:
-    email, email_key, password = await read_new_user(request)
-    app = request.app
-    client, signups = app[keys.REDIS], app[keys.METRICS].signups
-    # Counted before the hash: a flood of valid bodies costs one Redis call each, not bcrypt.
-    address = throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
-    try:
-        await redis_call(client, lambda: throttle.count_signup(client, address))
-    except TooManyRequests:
-        signups.labels(outcome="throttled").inc()
-        raise
-    password_hash = await app[keys.PASSWORDS].hash(password)
-    async with connection(request) as conn:
-        try:
-            user = await insert(conn, email, email_key, password_hash)
-        except DuplicateEmail:
-            signups.labels(outcome="duplicate").inc()
-            raise Conflict("a user with that email exists") from None
-    signups.labels(outcome="created").inc()
-    return web.json_response(
-        {"id": str(user.id), "email": user.email}, status=201, dumps=counters.dumps
-    )

@@ -32,14 +32,17 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
+from aiohttp import web
 
+from . import keys
 from .db import Connection
 from .errors import ServiceUnavailable
 from .metrics import Metrics
+from .tracing import TRACER_NAME
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -433,3 +436,23 @@ class WriteBehind:
             )
         else:
             log.info("shutdown: everything acknowledged is persisted", extra={"event": "shutdown"})
+
+
+async def write_behind_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Registered after Postgres and Redis, so its final flush runs while both are open."""
+    settings = app[keys.SETTINGS]
+    provider = app.get(keys.TRACER_PROVIDER)
+    write_behind = WriteBehind(
+        app[keys.PG_POOL],
+        app[keys.METRICS],
+        replica_id=settings.replica_id,
+        flush_interval=settings.flush_interval_seconds,
+        max_pending_keys=settings.max_pending_keys,
+        tracer=provider.get_tracer(TRACER_NAME) if provider is not None else None,
+    )
+    app[keys.WRITE_BEHIND] = write_behind
+    write_behind.start()
+    yield
+    # Requests have drained by now (aiohttp waits for them before cleanup); what is left of
+    # the shutdown budget goes to the final flush.
+    await write_behind.close(within=settings.final_flush_seconds)

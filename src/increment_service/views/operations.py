@@ -1,39 +1,16 @@
-"""HTTP handlers: thin, with validation at the edge and storage behind a connection."""
+"""What operators and their tools ask: readiness, liveness, the API document, metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import counters, db, keys
-from .errors import NotFound
-from .validation import is_key, read_increment
+from .. import keys, openapi
+from . import json_response
 
-log = logging.getLogger(__name__)
-
-ACCEPTED = 202
 HEALTH_TIMEOUT_SECONDS = 1.0
-
-
-async def increment(request: web.Request) -> web.Response:
-    key, value = await read_increment(request)
-    app = request.app
-    app[keys.WRITE_BEHIND].add(key, value)
-    app[keys.METRICS].increments.inc()
-    return web.Response(status=ACCEPTED)
-
-
-async def get_counter(request: web.Request) -> web.Response:
-    key = request.match_info["key"]
-    if not is_key(key):  # a NUL, say: no counter can have it, and Postgres text cannot hold it
-        raise NotFound("no counter has that key")
-    async with db.connection(request.app[keys.PG_POOL], "counter database") as conn:
-        counter = await counters.get(conn, key)
-    if counter is None:
-        raise NotFound("no counter with that key has been persisted")
-    return web.json_response(counter, dumps=counters.dumps)
 
 
 async def _check_postgres(app: web.Application) -> str:
@@ -62,14 +39,19 @@ async def health(request: web.Request) -> web.Response:
         "error: MAX_PENDING_KEYS reached" if write_behind.aggregator.is_full else "ok"
     )
     ok = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if ok else "fail", "checks": checks},
-        status=200 if ok else 503,
-        dumps=counters.dumps,
-    )
+    return json_response({"status": "ok" if ok else "fail", "checks": checks}, 200 if ok else 503)
 
 
 async def livez(request: web.Request) -> web.Response:
     """Alive: the event loop answers. No dependency checks (a Postgres outage is no reason to
     restart a replica that is buffering increments for it)."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return json_response(openapi.document())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[keys.METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

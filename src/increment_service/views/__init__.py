@@ -1,0 +1,18 @@
+"""HTTP handlers, thin: a body read by validation.py, storage behind a connection, domain
+errors raised for middleware.py to answer.
+
+* ``increments``: the counters (``POST /increment``, ``/api/increment``, ``GET /api/counters``);
+* ``accounts``: users and sessions (sign-up, login, who am I, logout);
+* ``operations``: health, liveness, the OpenAPI document, ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
