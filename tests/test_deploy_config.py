@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support import COMPOSE_VARIABLE, compose_interpolate
+from tests.support.compose import COMPOSE_VARIABLE, compose_interpolate
 
 # Every setting the service documents (SPEC.md "Running", the README's settings table,
 # src/increment_service/settings.py), with its default as .env.example writes it.

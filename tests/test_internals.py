@@ -23,7 +23,8 @@ from increment_service.db import migrate_with_retry
 from increment_service.logs import ConsoleFormatter, JsonFormatter
 from increment_service.middleware import problem_middleware
 from increment_service.settings import Settings
-from tests.support import ServiceProcess, free_port
+from tests.support.net import free_port
+from tests.support.processes import ServiceProcess
 
 
 def test_supervisor_stops_every_worker_when_one_dies(

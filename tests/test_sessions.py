@@ -30,7 +30,8 @@ from aiohttp.test_utils import TestClient
 from increment_service import keys, sessions, throttle
 from increment_service.app import create_app
 from increment_service.settings import Settings
-from tests.support import ServiceProcess, free_port
+from tests.support.net import free_port
+from tests.support.processes import ServiceProcess
 
 PASSWORD = "correct horse battery"
 COOKIE = sessions.COOKIE_NAME
