@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import signal
 import time
@@ -28,6 +27,7 @@ from increment_service.app import create_app
 from increment_service.settings import Settings
 from increment_service.writebehind import WriteBehind
 from tests.support.load import Traffic
+from tests.support.logs import json_log_lines
 from tests.support.metrics import metric_value
 from tests.support.net import tcp_listeners
 from tests.support.polling import eventually
@@ -89,16 +89,6 @@ def flush_records(records: list[logging.LogRecord]) -> list[tuple[int, str]]:
         (getattr(r, "seq", -1), getattr(r, "outcome", "?"))
         for r in records
         if r.name == "increment_service.writebehind" and getattr(r, "event", None) == "flush"
-    ]
-
-
-def log_events(service: ServiceProcess) -> list[dict[str, Any]]:
-    """The JSON log lines of a service process (LOG_FORMAT=json), parsed. Only complete lines:
-    the process may be writing the last one while a test polls."""
-    return [
-        json.loads(line)
-        for line in service.log().splitlines(keepends=True)
-        if line.startswith("{") and line.endswith("\n")
     ]
 
 
@@ -326,7 +316,7 @@ async def test_sigterm_right_after_a_burst_persists_everything(
         assert before == {}
     # Exited: everything acknowledged is in Postgres already, no waiting.
     assert await persisted(database_url) == dict(traffic.acknowledged())
-    shutdowns = [e for e in log_events(service) if e.get("event") == "shutdown"]
+    shutdowns = [e for e in json_log_lines(service.log()) if e.get("event") == "shutdown"]
     assert [e["msg"] for e in shutdowns] == [
         "shutdown: everything acknowledged is persisted"
     ] * workers
@@ -354,7 +344,7 @@ async def test_sigkill_loses_at_most_the_unflushed_interval(
     def applied_flushes() -> int:
         return sum(
             1
-            for e in log_events(service)
+            for e in json_log_lines(service.log())
             if e.get("event") == "flush" and e.get("outcome") == "applied"
         )
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
-import socket
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 from tests.support.compose import REPO_ROOT
 from tests.support.logs import json_log_lines
 from tests.support.net import free_port
+from tests.support.processes import wait_until_listening
 
 NGINX_DIR = REPO_ROOT / "deploy" / "nginx"
 NGINX_COMPOSE = NGINX_DIR / "nginx.conf"
@@ -83,17 +82,8 @@ class NginxProcess:
         self.config_path.write_text(self.config, encoding="utf-8")
         with (self.prefix / "nginx.out").open("ab") as output:
             self.process = subprocess.Popen(self.command, stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not listen within {timeout}s") from None
-                time.sleep(0.05)
+        wait_until_listening(self.process, self.port, timeout, "nginx", self.log)
+        return self
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.process is None or self.process.poll() is not None:

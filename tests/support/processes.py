@@ -9,10 +9,28 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from tests.support.net import free_port
+
+
+def wait_until_listening(
+    process: subprocess.Popen[bytes], port: int, timeout: float, what: str, log: Callable[[], str]
+) -> None:
+    """Poll until 127.0.0.1:``port`` takes connections; fail, with ``log()``, if ``process``
+    exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not listen within {timeout}s:\n{log()}") from None
+            time.sleep(0.05)
 
 
 def service_env(database_url: str, redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -60,16 +78,8 @@ class ServiceProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited early:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"service did not listen within {timeout}s:\n{self.log()}")
+        wait_until_listening(self.process, self.port, timeout, "the service", self.log)
+        return self
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
