@@ -11,5 +11,5 @@
 - ``nginx``: the native load balancer's configuration and process
 - ``topology``: compose's stack as local processes
 
-``net`` imports only the standard library: the benchmark (bench/) shares it.
+The benchmark (bench/) shares ``net`` and ``postgres``.
 """
