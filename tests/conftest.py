@@ -25,7 +25,7 @@ from increment_service import embedded
 from increment_service.app import create_app
 from increment_service.db import migrate
 from increment_service.settings import Settings
-from tests.support import with_database
+from tests.support.postgres import PgCluster, with_database
 
 BACKEND = os.environ.get("TEST_BACKEND", "local")
 
@@ -124,3 +124,18 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[PgCluster]:
+    """A Postgres cluster of this test's own, migrated, that the test may stop and start."""
+    base = embedded_base()
+    try:
+        own = PgCluster(base / "pg")
+        try:
+            migrate(own.url)
+            yield own
+        finally:
+            own.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

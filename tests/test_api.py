@@ -14,7 +14,7 @@ from increment_service import db, keys
 from increment_service.app import create_app
 from increment_service.sessions import COOKIE_NAME
 from increment_service.settings import Settings
-from tests.support import JSON, free_port
+from tests.support.net import JSON, free_port
 
 
 async def test_increment_is_accepted_then_persisted(

@@ -17,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import (
-    ServiceProcess,
-    http_get,
-    json_log_lines,
-    running,
-    scrape_metric,
-    service_env,
-)
+from tests.support.logs import json_log_lines
+from tests.support.metrics import scrape_metric
+from tests.support.net import http_get
+from tests.support.processes import ServiceProcess, running, service_env
 
 pytestmark = pytest.mark.timeout(120)
 

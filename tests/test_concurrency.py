@@ -10,7 +10,9 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support import ServiceProcess, running, send_increments, wait_until_persisted
+from tests.support.load import Traffic
+from tests.support.postgres import wait_until_persisted
+from tests.support.processes import ServiceProcess, running
 
 
 async def test_replicas_persist_exactly_what_they_acknowledged(
@@ -31,14 +33,14 @@ async def test_replicas_persist_exactly_what_they_acknowledged(
     with running(single), running(pair):
         half = len(items) // 2
         to_single, to_pair = await asyncio.gather(
-            send_increments([single.url], items[:half], concurrency=24),
-            send_increments([pair.url], items[half:], concurrency=24),
+            Traffic(single.url, items[:half], concurrency=24).run(),
+            Traffic(pair.url, items[half:], concurrency=24).run(),
         )
         acknowledged: Counter[str] = Counter()  # update(), not +: totals may be zero or negative
-        acknowledged.update(to_single.acknowledged)
-        acknowledged.update(to_pair.acknowledged)
-        assert to_single.errors == to_pair.errors == 0
-        assert to_single.statuses + to_pair.statuses == {202: len(items)}
+        acknowledged.update(to_single.acknowledged())
+        acknowledged.update(to_pair.acknowledged())
+        assert to_single.unknown() == to_pair.unknown() == []
+        assert to_single.statuses() + to_pair.statuses() == {202: len(items)}
         got = await wait_until_persisted(database_url, acknowledged)
         assert got == dict(acknowledged)
         # The two workers of `pair` share one port; either one's /metrics covers both.

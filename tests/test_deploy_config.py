@@ -29,19 +29,20 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import crossplane  # type: ignore[import-untyped]  # PyPI crossplane (the test extra); no stubs
 import pytest
 
-from tests.support import COMPOSE_VARIABLE, compose_interpolate
+from tests.support.compose import COMPOSE_FILE, COMPOSE_VARIABLE, compose_file, compose_interpolate
+from tests.support.net import free_port
+from tests.support.nginx import NGINX_COMPOSE, NginxProcess, nginx_binary, render_native_nginx
 
 # Every setting the service documents (SPEC.md "Running", the README's settings table,
 # src/increment_service/settings.py), with its default as .env.example writes it.
@@ -79,12 +80,7 @@ KUBERNETES_VERSION = "1.30.0"
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-NGINX_DIR = ROOT / "deploy" / "nginx"
-NGINX_COMPOSE = NGINX_DIR / "nginx.conf"
-NGINX_NATIVE_TEMPLATE = NGINX_DIR / "native.conf.template"
-NGINX_RENDER = NGINX_DIR / "render_native.py"
 K8S_DIR = ROOT / "deploy" / "k8s"
 K8S_SECRET_EXAMPLE = "secret.example.yaml"
 
@@ -136,9 +132,7 @@ def _strip_yaml_comments(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def compose_raw() -> dict[str, Any]:
-    data = _yaml().safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
-    assert isinstance(data, dict)
-    return data
+    return compose_file()
 
 
 @pytest.fixture(scope="module")
@@ -717,58 +711,20 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest() -> None:
 _Directive = tuple[str, tuple[str, ...], Any]
 
 
-def _nginx_tokens(text: str) -> list[str]:
-    tokens: list[str] = []
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char.isspace():
-            i += 1
-        elif char == "#":
-            i = text.find("\n", i) if "\n" in text[i:] else len(text)
-        elif char in "{};":
-            tokens.append(char)
-            i += 1
-        elif char in "'\"":
-            end = i + 1
-            while text[end] != char:
-                end += 2 if text[end] == "\\" else 1
-            tokens.append(text[i : end + 1])
-            i = end + 1
-        else:
-            match = re.compile(r"[^\s;{}]+").match(text, i)
-            assert match is not None
-            tokens.append(match[0])
-            i = match.end()
-    return tokens
+def _nginx_parse(path: Path) -> list[_Directive]:
+    """The directives of an nginx configuration file, parsed by crossplane (NGINX's parser
+    for Python). Quotes are taken off arguments, as nginx does."""
+    parsed = crossplane.parse(str(path), single=True, comments=False)
+    assert parsed["status"] == "ok", parsed["errors"]
+    [config] = parsed["config"]
 
+    def directives(block: list[dict[str, Any]]) -> list[_Directive]:
+        return [
+            (d["directive"], tuple(d["args"]), directives(d["block"]) if "block" in d else None)
+            for d in block
+        ]
 
-def _nginx_parse(text: str) -> list[_Directive]:
-    tokens = _nginx_tokens(text)
-    position = 0
-
-    def block() -> list[_Directive]:
-        nonlocal position
-        directives: list[_Directive] = []
-        words: list[str] = []
-        while position < len(tokens):
-            token = tokens[position]
-            position += 1
-            if token == ";":
-                directives.append((words[0], tuple(words[1:]), None))
-                words = []
-            elif token == "{":
-                directives.append((words[0], tuple(words[1:]), block()))
-                words = []
-            elif token == "}":
-                assert not words, f"unterminated directive {words}"
-                return directives
-            else:
-                words.append(token)
-        assert not words, f"unterminated directive {words}"
-        return directives
-
-    return block()
+    return directives(config["parsed"])
 
 
 # Directives allowed to differ between the two topologies.
@@ -817,24 +773,16 @@ def _find(directives: list[_Directive], *path: str) -> list[_Directive]:
     return current
 
 
-def _render_native() -> Any:
-    spec = importlib.util.spec_from_file_location("_deploy_render_native", NGINX_RENDER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _rendered_native(prefix: Path, listen_port: int, upstream_ports: list[int]) -> str:
-    text = _render_native().render(prefix, listen_port, upstream_ports)
-    assert "@@" not in text, "a placeholder was left unrendered"
-    return text
+def _native_conf(directory: Path) -> Path:
+    """native.conf.template rendered for three replicas, in a file for crossplane to read."""
+    path = directory / "native.conf"
+    path.write_text(render_native_nginx(directory, 8080, [3401, 3402, 3403]), encoding="utf-8")
+    return path
 
 
 def test_nginx_configs_have_the_same_shape(tmp_path: Path) -> None:
-    compose_conf = _nginx_parse(NGINX_COMPOSE.read_text(encoding="utf-8"))
-    native_conf = _nginx_parse(_rendered_native(tmp_path, 8080, [3401, 3402, 3403]))
+    compose_conf = _nginx_parse(NGINX_COMPOSE)
+    native_conf = _nginx_parse(_native_conf(tmp_path))
     compose_shape, native_shape = _nginx_shape(compose_conf), _nginx_shape(native_conf)
     assert compose_shape == native_shape, {
         "only in nginx.conf": sorted(map(str, compose_shape - native_shape)),
@@ -843,8 +791,8 @@ def test_nginx_configs_have_the_same_shape(tmp_path: Path) -> None:
 
 
 def test_nginx_upstreams_balance_with_keepalive_and_request_ids(tmp_path: Path) -> None:
-    compose_conf = _nginx_parse(NGINX_COMPOSE.read_text(encoding="utf-8"))
-    native_conf = _nginx_parse(_rendered_native(tmp_path, 8080, [3401, 3402, 3403]))
+    compose_conf = _nginx_parse(NGINX_COMPOSE)
+    native_conf = _nginx_parse(_native_conf(tmp_path))
 
     compose_http = _find(compose_conf, "http")
     resolver = next(args for name, args, _ in compose_http if name == "resolver")
@@ -879,15 +827,13 @@ def test_nginx_upstreams_balance_with_keepalive_and_request_ids(tmp_path: Path) 
     location = _find(compose_conf, "http", "server", "location /")
     settings = {(name, args[0]): args[1:] for name, args, _ in location if args}
     assert settings[("proxy_http_version", "1.1")] == ()
-    assert settings[("proxy_set_header", "Connection")] == ('""',)
+    assert settings[("proxy_set_header", "Connection")] == ("",)
     assert settings[("proxy_set_header", "X-Request-ID")] == ("$req_id",)
     assert settings[("proxy_pass", "http://increment_service")] == ()
 
 
 def _nginx() -> str:
-    nginx = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
-    )
+    nginx = nginx_binary()
     if nginx is None:
         pytest.skip("nginx is not installed (Debian package nginx)")
     return nginx
@@ -907,7 +853,7 @@ def _nginx_test(nginx: str, prefix: Path, conf: Path, *extra: str) -> None:
 def test_nginx_accepts_native_config(tmp_path: Path) -> None:
     nginx = _nginx()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(_rendered_native(tmp_path, 18080, [13401, 13402, 13403]), encoding="utf-8")
+    conf.write_text(render_native_nginx(tmp_path, 18080, [13401, 13402, 13403]), encoding="utf-8")
     _nginx_test(nginx, tmp_path, conf)
 
 
@@ -929,12 +875,6 @@ def test_nginx_accepts_compose_config_outside_docker(tmp_path: Path) -> None:
     conf = tmp_path / "nginx.conf"
     conf.write_text(text, encoding="utf-8")
     _nginx_test(nginx, tmp_path, conf, "-g", f"pid {tmp_path / 'nginx.pid'};")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _ReplicaHandler(http.server.BaseHTTPRequestHandler):
@@ -961,34 +901,8 @@ class _ReplicaHandler(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def _running_nginx(prefix: Path, upstream_ports: list[int]) -> Iterator[int]:
-    nginx = _nginx()
-    listen = _free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(_rendered_native(prefix, listen, upstream_ports), encoding="utf-8")
-    error_log = prefix / "error.log"
-    command = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(error_log)]
-    with (prefix / "nginx.out").open("wb") as output:
-        process = subprocess.Popen(
-            [*command, "-g", "daemon off;"], stdout=output, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if process.poll() is not None:
-                log = error_log.read_text() if error_log.exists() else ""
-                pytest.fail(f"nginx exited with {process.returncode}: {log}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", listen), 1):
-                break
-            assert time.monotonic() < deadline, "nginx did not start listening"
-            time.sleep(0.05)
-        yield listen
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with NginxProcess(prefix, upstream_ports, binary=_nginx()) as nginx:
+        yield nginx.port
 
 
 def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
@@ -1032,7 +946,7 @@ def test_native_nginx_spreads_requests_over_three_replicas(tmp_path: Path) -> No
 
 
 def test_native_nginx_answers_problem_json_when_no_replica_is_up(tmp_path: Path) -> None:
-    with _running_nginx(tmp_path, [_free_port()]) as listen:
+    with _running_nginx(tmp_path, [free_port()]) as listen:
         status, headers, body = _get(listen, "/increment", {"X-Request-ID": "req-502"})
     assert status == 502
     assert headers["Content-Type"] == "application/problem+json"
@@ -1044,7 +958,7 @@ def test_native_nginx_answers_problem_json_when_no_replica_is_up(tmp_path: Path)
 
 @pytest.mark.parametrize("path", ["/increment", "/api/increment", "/api/users"])
 def test_native_nginx_refuses_bodies_over_what_the_route_takes(tmp_path: Path, path: str) -> None:
-    with _running_nginx(tmp_path, [_free_port()]) as listen:
+    with _running_nginx(tmp_path, [free_port()]) as listen:
         connection = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
         try:
             connection.putrequest("POST", path)

@@ -8,7 +8,7 @@ import aiohttp
 import asyncpg
 
 from tests.conftest import embedded_base
-from tests.support import ServiceProcess
+from tests.support.processes import ServiceProcess
 
 
 def _socket_url(data_dir: Path) -> str:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,20 @@ from increment_service import keys
 from increment_service.app import create_app
 from increment_service.settings import Settings
 from increment_service.writebehind import WriteBehind
-from tests.support import (
+from tests.support.load import Traffic
+from tests.support.logs import json_log_lines
+from tests.support.metrics import metric_value
+from tests.support.net import tcp_listeners
+from tests.support.polling import eventually
+from tests.support.postgres import (
     CuttingProxy,
     PgCluster,
-    ServiceProcess,
-    Traffic,
     database_name,
-    metric_value,
-    migrated_cluster,
     persisted,
-    running,
-    send_increments,
-    service_env,
-    tcp_listeners,
     wait_until_no_other_backends,
     wait_until_persisted,
 )
+from tests.support.processes import ServiceProcess, running, service_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,17 +83,6 @@ async def metric(client: Client, sample: str) -> float:
     return value
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, within: float = 15.0, every: float = 0.05
-) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(every)
-
-
 def flush_records(records: list[logging.LogRecord]) -> list[tuple[int, str]]:
     """(seq, outcome) of every flush attempt logged by the write-behind, in order."""
     return [
@@ -104,23 +90,6 @@ def flush_records(records: list[logging.LogRecord]) -> list[tuple[int, str]]:
         for r in records
         if r.name == "increment_service.writebehind" and getattr(r, "event", None) == "flush"
     ]
-
-
-def log_events(service: ServiceProcess) -> list[dict[str, Any]]:
-    """The JSON log lines of a service process (LOG_FORMAT=json), parsed. Only complete lines:
-    the process may be writing the last one while a test polls."""
-    return [
-        json.loads(line)
-        for line in service.log().splitlines(keepends=True)
-        if line.startswith("{") and line.endswith("\n")
-    ]
-
-
-@pytest.fixture
-def cluster() -> Iterator[PgCluster]:
-    """A Postgres cluster of this test's own, migrated, that the test may stop and start."""
-    with migrated_cluster() as own:
-        yield own
 
 
 # --- 1. Postgres stopped while traffic continues, then started again ----------------------
@@ -140,13 +109,15 @@ async def test_postgres_stopped_and_started_under_traffic_loses_nothing(
     async def health_ok() -> bool:
         return (await client.get("/api/health")).status == 200
 
-    async with Traffic(base_url(client), lambda n: (f"outage-{n % 64}", 1 + n % 5)) as traffic:
+    async with Traffic(
+        base_url(client), lambda n: (f"outage-{n % 64}", 1 + n % 5), concurrency=8
+    ) as traffic:
         # Before: increments are acknowledged and written behind as usual.
         await traffic.wait_for_acks(300)
         await eventually(some_persisted, "a first batch is persisted")
 
         await asyncio.to_thread(cluster.stop)
-        stopped_at = traffic.acknowledged
+        stopped_at = len(traffic.acks)
         # While down: health says so, flushes fail, increments are still acknowledged.
         response = await client.get("/api/health")
         body = await response.json()
@@ -163,17 +134,16 @@ async def test_postgres_stopped_and_started_under_traffic_loses_nothing(
         assert aggregator.in_flight is not None, "the batch that failed is kept to be retried"
 
         await asyncio.to_thread(cluster.start)
-        started_at = traffic.acknowledged
+        started_at = len(traffic.acks)
         # After: traffic continues and health recovers.
         await traffic.wait_for_acks(started_at + 300)
         await eventually(health_ok, "health is 200 again once Postgres is back")
 
-    result = traffic.result
-    assert result.errors == 0
-    assert set(result.statuses) == {202}
-    assert result.acknowledged == result.attempted
-    got = await wait_until_persisted(cluster.url, result.acknowledged)
-    assert got == dict(result.acknowledged)
+    assert traffic.unknown() == []
+    assert set(traffic.statuses()) == {202}
+    assert traffic.acknowledged() == traffic.attempted()
+    got = await wait_until_persisted(cluster.url, traffic.acknowledged())
+    assert got == dict(traffic.acknowledged())
     assert await metric(client, "increment_flush_failures_total") > 0
 
     async def nothing_pending() -> bool:
@@ -195,7 +165,9 @@ async def test_connections_terminated_by_the_server_lose_and_double_nothing(
         return registry.get_sample_value("increment_flush_failures_total") or 0.0
 
     terminated = 0
-    async with Traffic(base_url(client), lambda n: (f"term-{n % 100}", 1 + n % 3)) as traffic:
+    async with Traffic(
+        base_url(client), lambda n: (f"term-{n % 100}", 1 + n % 3), concurrency=8
+    ) as traffic:
         await traffic.wait_for_acks(100)
         # Kill every connection of the service, again and again, until flushes have been hit
         # (a kill that lands on an idle pooled connection only costs a reconnect).
@@ -204,13 +176,12 @@ async def test_connections_terminated_by_the_server_lose_and_double_nothing(
             assert time.monotonic() < deadline, (terminated, failures())
             terminated += await pg.fetchval(TERMINATE_SQL, dbname)
             await asyncio.sleep(0.01)
-        await traffic.wait_for_acks(traffic.acknowledged + 100)
+        await traffic.wait_for_acks(len(traffic.acks) + 100)
 
-    result = traffic.result
-    assert result.errors == 0
-    assert set(result.statuses) == {202}
-    got = await wait_until_persisted(database_url, result.acknowledged)
-    assert got == dict(result.acknowledged)
+    assert traffic.unknown() == []
+    assert set(traffic.statuses()) == {202}
+    got = await wait_until_persisted(database_url, traffic.acknowledged())
+    assert got == dict(traffic.acknowledged())
     assert failures() >= 3
     aggregator = client.app[keys.WRITE_BEHIND].aggregator
 
@@ -326,26 +297,26 @@ async def test_sigterm_right_after_a_burst_persists_everything(
             return tcp_listeners(service.port) == workers
 
         await eventually(all_workers_listen, f"{workers} workers listen", within=30)
-        result = await send_increments([service.url], items, concurrency=32)
+        traffic = await Traffic(service.url, items, concurrency=32).run()
         before = await persisted(database_url)
         unflushed_for_sure = time.monotonic() - spawned_at < interval  # no timer fired yet
         service.signal(signal.SIGTERM)
         signalled_at = time.monotonic()
         code = await asyncio.to_thread(service.wait, shutdown_timeout)
         print(
-            f"SIGTERM with WORKERS={workers}: {len(result.acknowledged) - len(before)} of "
-            f"{len(result.acknowledged)} keys unflushed at SIGTERM, exit {code} after "
+            f"SIGTERM with WORKERS={workers}: {len(traffic.acknowledged()) - len(before)} of "
+            f"{len(traffic.acknowledged())} keys unflushed at SIGTERM, exit {code} after "
             f"{time.monotonic() - signalled_at:.2f}s"
         )
 
     assert code == 0, service.log()
-    assert result.errors == 0
-    assert result.statuses == {202: len(items)}
+    assert traffic.unknown() == []
+    assert traffic.statuses() == {202: len(items)}
     if unflushed_for_sure:
         assert before == {}
     # Exited: everything acknowledged is in Postgres already, no waiting.
-    assert await persisted(database_url) == dict(result.acknowledged)
-    shutdowns = [e for e in log_events(service) if e.get("event") == "shutdown"]
+    assert await persisted(database_url) == dict(traffic.acknowledged())
+    shutdowns = [e for e in json_log_lines(service.log()) if e.get("event") == "shutdown"]
     assert [e["msg"] for e in shutdowns] == [
         "shutdown: everything acknowledged is persisted"
     ] * workers
@@ -373,7 +344,7 @@ async def test_sigkill_loses_at_most_the_unflushed_interval(
     def applied_flushes() -> int:
         return sum(
             1
-            for e in log_events(service)
+            for e in json_log_lines(service.log())
             if e.get("event") == "flush" and e.get("outcome") == "applied"
         )
 
@@ -400,11 +371,10 @@ async def test_sigkill_loses_at_most_the_unflushed_interval(
     # what SIGKILL left.
     assert await wait_until_no_other_backends(database_url) == []
     got = await persisted(database_url)
-    result = traffic.result
-    acked_at = {key: t for t, key, _ in result.acks}
+    acked_at = {s.key: s.answered_at for s in traffic.acks}
 
     assert set(got.values()) <= {1}
-    assert set(got) <= set(result.attempted), "persisted never exceeds attempted"
+    assert set(got) <= set(traffic.attempted()), "persisted never exceeds attempted"
     old = {key for key, t in acked_at.items() if t < killed_at - (interval + margin)}
     missing_old = old - set(got)
     assert not missing_old, f"{len(missing_old)} acknowledged > {interval + margin}s before: lost"
@@ -412,7 +382,7 @@ async def test_sigkill_loses_at_most_the_unflushed_interval(
     oldest_lost_age = killed_at - min(lost.values()) if lost else 0.0
     print(
         f"SIGKILL loss window (FLUSH_INTERVAL_SECONDS={interval:g}): "
-        f"{len(result.acks)} acknowledged, {len(got)} persisted, {len(lost)} acknowledged "
+        f"{len(traffic.acks)} acknowledged, {len(got)} persisted, {len(lost)} acknowledged "
         f"but lost; the oldest lost one was acknowledged {oldest_lost_age:.3f}s before the kill"
     )
     assert oldest_lost_age <= interval + margin
@@ -480,13 +450,13 @@ async def test_a_delta_wider_than_bigint_is_applied_once_across_an_ambiguous_com
         await conn.close()
     await proxied.warm_up()
     items = [("deep", MAX_VALUE)] * 1025 + [("small", 1)]
-    result = await send_increments([base_url(client)], items, concurrency=16)
-    assert result.statuses == {202: len(items)}
-    assert result.acknowledged["deep"] > INT64_MAX
+    traffic = await Traffic(base_url(client), items, concurrency=16).run()
+    assert traffic.statuses() == {202: len(items)}
+    assert traffic.acknowledged()["deep"] > INT64_MAX
 
     await proxied.flush_with_the_answer_cut()
     assert await write_behind.flush()
     assert flush_records(caplog.records) == [(1, "applied"), (2, "error"), (2, "already-applied")]
-    expected = {"warm": 1, "small": 1, "deep": -(2**62) + result.acknowledged["deep"]}
+    expected = {"warm": 1, "small": 1, "deep": -(2**62) + traffic.acknowledged()["deep"]}
     assert await persisted(database_url) == expected
     assert await metric(client, "increment_overflow_rejected_total") == 0

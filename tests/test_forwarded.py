@@ -5,7 +5,7 @@ from one client with a spoofed X-Forwarded-For got no 429, because a client on a
 was itself "a trusted proxy" and could name itself anyone. client_address already takes the
 right-most untrusted address; what matters is that only the load balancer is trusted.
 
-Natively (tests/support.py's NativeTopology): the client on 127.0.0.2, nginx on 127.0.0.1,
+Natively (tests/support/topology.py's NativeTopology): the client on 127.0.0.2, nginx on 127.0.0.1,
 replicas that trust 127.0.0.1 alone, set the way a compose user would (TRUSTED_PROXIES in .env).
 """
 
@@ -23,7 +23,9 @@ import pytest
 
 from increment_service import throttle
 from increment_service.settings import Settings
-from tests.support import NativeTopology, compose_app_environment, compose_file, nginx_binary
+from tests.support.compose import compose_app_environment, compose_file
+from tests.support.nginx import nginx_binary
+from tests.support.topology import NativeTopology
 
 CLIENT = "127.0.0.2"  # the attacker
 NGINX = "127.0.0.1"  # where the native nginx listens and connects to the replicas from

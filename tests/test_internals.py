@@ -24,7 +24,8 @@ from increment_service.logs import ConsoleFormatter, JsonFormatter
 from increment_service.metrics import Metrics
 from increment_service.middleware import request_middleware
 from increment_service.settings import Settings
-from tests.support import ServiceProcess, free_port
+from tests.support.net import free_port
+from tests.support.processes import ServiceProcess
 
 
 def test_supervisor_stops_every_worker_when_one_dies(

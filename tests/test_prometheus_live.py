@@ -43,13 +43,10 @@ import aiohttp
 import pytest
 import yaml  # type: ignore[import-untyped]  # no stubs in the test environment
 
-from tests.support import (
-    ServiceProcess,
-    free_port,
-    metric_value,
-    send_increments,
-    tcp_listeners,
-)
+from tests.support.load import Traffic
+from tests.support.metrics import metric_value
+from tests.support.net import free_port, tcp_listeners
+from tests.support.processes import ServiceProcess
 from tests.test_prometheus_rules import (
     PROMETHEUS_CONFIG,
     iter_panels,
@@ -346,13 +343,13 @@ async def drive(base: str, run: str) -> Tally:
             items = [(key(run, n), n % 7 - 2) for n in range(first, first + INCREMENTS_PER_TICK)]
             # A new client per tick: new connections, which the kernel spreads over both
             # workers' listening sockets (reuse_port).
-            result = await send_increments([base], items, concurrency=8)
-            for status, count in result.statuses.items():
+            statuses = (await Traffic(base, items, concurrency=8).run()).statuses()
+            tally.errors += statuses.pop(None, 0)  # no answer: counted apart
+            for status, count in statuses.items():
                 tally.responses[("POST", "/increment", status)] += count
                 if status != 202:
                     tally.surprises.append(f"POST /increment: {count} x {status}")
-            tally.acknowledged += result.statuses[202]
-            tally.errors += result.errors
+            tally.acknowledged += statuses[202]
             if tick % 4 == 0:
                 bad = {"key": key(run, tick), "value": "one"}
                 await request(

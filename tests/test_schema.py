@@ -22,7 +22,7 @@ from increment_service import emails
 from increment_service.db import MIGRATION_LOCK_KEY, migrate, schema_dir, sqlalchemy_url
 from increment_service.tables import metadata
 from tests.conftest import Servers, _admin
-from tests.support import with_database
+from tests.support.postgres import with_database
 
 
 @pytest.fixture

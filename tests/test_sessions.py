@@ -33,7 +33,8 @@ from increment_service import emails, keys, sessions, throttle
 from increment_service.app import create_app
 from increment_service.redis_client import REDIS_TIMEOUT_SECONDS
 from increment_service.settings import Settings
-from tests.support import ServiceProcess, free_port
+from tests.support.net import free_port
+from tests.support.processes import ServiceProcess
 
 PASSWORD = "correct horse battery"
 COOKIE = sessions.COOKIE_NAME

@@ -22,33 +22,23 @@ import datetime as dt
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from increment_service.settings import Settings
-from tests.support import (
-    NATIVE_OUT_OF_SCOPE,
-    NATIVE_OVERRIDES,
-    LbTraffic,
-    NativeTopology,
-    PgCluster,
-    Sent,
-    ServiceProcess,
-    compose_app_environment,
-    compose_app_replicas,
-    compose_file,
-    http_get,
-    json_log_lines,
-    migrated_cluster,
-    nginx_binary,
-    persisted,
-    scrape_metric,
-    wait_until_healthy,
-    wait_until_no_other_backends,
-)
+from tests.support.compose import compose_app_environment, compose_app_replicas, compose_file
+from tests.support.load import Sent, Traffic
+from tests.support.logs import json_log_lines
+from tests.support.metrics import scrape_metric
+from tests.support.net import http_get, wait_until_healthy
+from tests.support.nginx import nginx_binary
+from tests.support.polling import eventually
+from tests.support.postgres import PgCluster, persisted, wait_until_no_other_backends
+from tests.support.processes import ServiceProcess
+from tests.support.topology import NATIVE_OUT_OF_SCOPE, NATIVE_OVERRIDES, NativeTopology
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -76,7 +66,7 @@ def topology(
         yield running
 
 
-def unexplained(got: Mapping[str, int], traffic: LbTraffic) -> dict[str, str]:
+def unexplained(got: Mapping[str, int], traffic: Traffic) -> dict[str, str]:
     """Keys whose persisted total is not "everything acknowledged plus some subset of the
     increments whose outcome is unknown" (an empty dict is the exact result)."""
     acknowledged = traffic.acknowledged()
@@ -98,7 +88,7 @@ def unexplained(got: Mapping[str, int], traffic: LbTraffic) -> dict[str, str]:
 
 
 async def wait_until_explained(
-    database_url: str, traffic: LbTraffic, within: float = PROMISE_SECONDS
+    database_url: str, traffic: Traffic, within: float = PROMISE_SECONDS
 ) -> tuple[dict[str, int], float]:
     """Poll until the counters are exactly explained by the traffic: (counters, seconds)."""
     started = time.monotonic()
@@ -109,7 +99,7 @@ async def wait_until_explained(
         await asyncio.sleep(0.1)
 
 
-def lb_statuses(traffic: LbTraffic) -> dict[str, int]:
+def lb_statuses(traffic: Traffic) -> dict[str, int]:
     counts = traffic.statuses()
     return {("no answer" if s is None else str(s)): n for s, n in sorted(counts.items(), key=str)}
 
@@ -131,15 +121,6 @@ async def incarnations(database_url: str) -> Counter[str]:
     finally:
         await conn.close()
     return Counter(r["replica_id"].rsplit(":", 1)[0] for r in rows)
-
-
-async def eventually(what: str, check: Callable[[], bool], within: float) -> None:
-    """Poll the blocking ``check`` (in a thread) until it holds; fail naming ``what``."""
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(check):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.1)
 
 
 def lb_retries(topology: NativeTopology) -> tuple[int, int]:
@@ -229,7 +210,7 @@ async def test_sustained_load_through_the_lb_persists_what_was_acknowledged(
     topology: NativeTopology, database_url: str
 ) -> None:
     started = time.monotonic()
-    async with LbTraffic(topology.url, lambda n: (f"load-{n % 2000:04d}", 1 + n % 7)) as traffic:
+    async with Traffic(topology.url, lambda n: (f"load-{n % 2000:04d}", 1 + n % 7)) as traffic:
         await traffic.wait_for_acks(2000)
         await asyncio.sleep(max(0.0, 6.0 - (time.monotonic() - started)))
     got, caught_up = await wait_until_explained(database_url, traffic)
@@ -262,23 +243,23 @@ async def test_replica_sigterm_and_restart_under_load_is_exact(
 ) -> None:
     victim = topology.replicas[1]
     budget = float(topology.environments[1]["SHUTDOWN_TIMEOUT_SECONDS"])
-    async with LbTraffic(topology.url, lambda n: (f"term-{n % 500:03d}", 1 + n % 5)) as traffic:
+    async with Traffic(topology.url, lambda n: (f"term-{n % 500:03d}", 1 + n % 5)) as traffic:
         await traffic.wait_for_acks(1500)
-        await eventually("the victim took traffic", lambda: took_traffic(victim), 10)
+        await eventually(lambda: took_traffic(victim), "the victim took traffic", within=10)
         victim.signal(signal.SIGTERM)
         code = await asyncio.to_thread(victim.wait, budget + 5)
         assert code == 0, victim.log()[-3000:]
         shutdown = replica_events(victim, "shutdown")
         assert [e["msg"] for e in shutdown] == ["shutdown: everything acknowledged is persisted"]
-        stopped_at = traffic.acks
+        stopped_at = len(traffic.acks)
         await traffic.wait_for_acks(stopped_at + 1000)  # two replicas carry the load
 
         await asyncio.to_thread(topology.start_replica, victim)
         # nginx tries the replica again once its fail_timeout (5 s) has passed.
         await eventually(
-            "nginx sends traffic to the restarted replica", lambda: took_traffic(victim), 15
+            lambda: took_traffic(victim), "nginx sends traffic to the restarted replica", within=15
         )
-        await traffic.wait_for_acks(traffic.acks + 1000)
+        await traffic.wait_for_acks(len(traffic.acks) + 1000)
     got, caught_up = await wait_until_explained(database_url, traffic)
 
     statuses = traffic.statuses()
@@ -315,10 +296,10 @@ async def test_replica_sigkill_under_load_loses_at_most_its_unflushed_interval(
         return [e for e in replica_events(victim, "flush") if e.get("outcome") == "applied"]
 
     # A distinct key per request, value 1: a persisted key is exactly one increment.
-    async with LbTraffic(topology.url, lambda n: (f"kill-{n:07d}", 1)) as traffic:
+    async with Traffic(topology.url, lambda n: (f"kill-{n:07d}", 1)) as traffic:
         await traffic.wait_for_acks(500)
         await eventually(
-            "three batches of the victim applied", lambda: len(applied_flushes()) >= 3, 20
+            lambda: len(applied_flushes()) >= 3, "three batches of the victim applied", within=20
         )
         # Late in the victim's flush interval, so the loss measured is close to the worst case.
         last = wall(applied_flushes()[-1]["ts"])
@@ -329,7 +310,8 @@ async def test_replica_sigkill_under_load_loses_at_most_its_unflushed_interval(
         killed_wall, killed_at = time.time(), time.monotonic()
         victim.signal(signal.SIGKILL)
         code = await asyncio.to_thread(victim.wait, 10)
-        await traffic.wait_for_acks(traffic.acks + 1000)  # the load balancer routes around it
+        # The load balancer routes around it.
+        await traffic.wait_for_acks(len(traffic.acks) + 1000)
     assert code == -signal.SIGKILL
 
     # Stop the survivors (final flush), let the victim's backends finish: the table is final.
@@ -391,12 +373,6 @@ async def test_replica_sigkill_under_load_loses_at_most_its_unflushed_interval(
 # --- 4. Postgres restarted under load ------------------------------------------------------
 
 
-@pytest.fixture
-def cluster() -> Iterator[PgCluster]:
-    with migrated_cluster() as own:
-        yield own
-
-
 async def test_postgres_restart_under_load_is_exact(
     cluster: PgCluster, redis_url: str, tmp_path: Path
 ) -> None:
@@ -404,15 +380,15 @@ async def test_postgres_restart_under_load_is_exact(
         tmp_path, database_url=cluster.url, redis_url=redis_url, variables=COMPOSE_VARIABLES
     ) as topology:
         probe = topology.replicas[0]
-        async with LbTraffic(topology.url, lambda n: (f"pg-{n % 300:03d}", 1 + n % 5)) as traffic:
+        async with Traffic(topology.url, lambda n: (f"pg-{n % 300:03d}", 1 + n % 5)) as traffic:
             await traffic.wait_for_acks(1000)
 
             def some_persisted() -> bool:
                 return bool(asyncio.run(persisted(cluster.url)))
 
-            await eventually("written behind as usual before the stop", some_persisted, 10)
+            await eventually(some_persisted, "written behind as usual before the stop", within=10)
             await asyncio.to_thread(cluster.stop)
-            down_at, acks_before = time.monotonic(), traffic.acks
+            down_at, acks_before = time.monotonic(), len(traffic.acks)
             status, body = await asyncio.to_thread(http_get, probe.url + "/api/health")
             assert status == 503, body
 
@@ -422,13 +398,15 @@ async def test_postgres_restart_under_load_is_exact(
                     for r in topology.replicas
                 )
 
-            await eventually("every replica's flushes fail", flushes_failed, 15)
-            await traffic.wait_for_acks(traffic.acks + 1000)  # still 202 while Postgres is down
+            await eventually(flushes_failed, "every replica's flushes fail", within=15)
+            # Still 202 while Postgres is down.
+            await traffic.wait_for_acks(len(traffic.acks) + 1000)
             await asyncio.to_thread(cluster.start)
-            down_for, acks_while_down = time.monotonic() - down_at, traffic.acks - acks_before
+            down_for = time.monotonic() - down_at
+            acks_while_down = len(traffic.acks) - acks_before
             for replica in topology.replicas:
                 await asyncio.to_thread(wait_until_healthy, replica.url, 15)
-            await traffic.wait_for_acks(traffic.acks + 1000)
+            await traffic.wait_for_acks(len(traffic.acks) + 1000)
         got, caught_up = await wait_until_explained(cluster.url, traffic)
         # Stopped (final flushes): still exactly what was acknowledged.
         topology.stop()
