@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -40,33 +40,6 @@ class CounterChild:
         self.value += amount
 
 
-class LocalCounter:
-    """A counter family; ``name`` without the ``_total`` suffix, as prometheus_client's."""
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
-        self.children: dict[Labels, CounterChild] = {}
-        self._unlabelled = None if labelnames else self.labels()
-
-    def labels(self, *values: str, **named: str) -> CounterChild:
-        if named:  # set-up code may name them, as with prometheus_client
-            values = tuple(named[name] for name in self.labelnames)
-        child = self.children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self.children[values] = CounterChild()
-        return child
-
-    def inc(self, amount: float = 1.0) -> None:
-        if self._unlabelled is None:
-            raise ValueError(f"{self.name} has labels: use .labels(...).inc()")
-        self._unlabelled.value += amount
-
-    def snapshot(self) -> list[list[Any]]:
-        return [[list(labels), child.value] for labels, child in self.children.items()]
-
-
 class HistogramChild:
     __slots__ = ("_upper", "counts", "sum")
 
@@ -81,7 +54,50 @@ class HistogramChild:
         self.sum += value
 
 
-class LocalHistogram:
+Child = TypeVar("Child", "CounterChild", "HistogramChild")
+
+
+class _Family(Generic[Child]):
+    """A metric's series, one child per label set."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.children: dict[Labels, Child] = {}
+
+    def _new_child(self) -> Child:
+        raise NotImplementedError
+
+    def labels(self, *values: str, **named: str) -> Child:
+        if named:  # set-up code may name them, as with prometheus_client
+            values = tuple(named[name] for name in self.labelnames)
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self.children[values] = self._new_child()
+        return child
+
+
+class LocalCounter(_Family["CounterChild"]):
+    """A counter family; ``name`` without the ``_total`` suffix, as prometheus_client's."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, documentation, labelnames)
+        self._unlabelled = None if labelnames else self.labels()
+
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
+
+    def inc(self, amount: float = 1.0) -> None:
+        if self._unlabelled is None:
+            raise ValueError(f"{self.name} has labels: use .labels(...).inc()")
+        self._unlabelled.value += amount
+
+    def snapshot(self) -> list[list[Any]]:
+        return [[list(labels), child.value] for labels, child in self.children.items()]
+
+
+class LocalHistogram(_Family["HistogramChild"]):
     def __init__(
         self,
         name: str,
@@ -89,19 +105,11 @@ class LocalHistogram:
         labelnames: Sequence[str],
         buckets: Sequence[float],
     ) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        super().__init__(name, documentation, labelnames)
         self.upper = tuple(sorted(buckets))
-        self.children: dict[Labels, HistogramChild] = {}
 
-    def labels(self, *values: str, **named: str) -> HistogramChild:
-        if named:  # set-up code may name them, as with prometheus_client
-            values = tuple(named[name] for name in self.labelnames)
-        child = self.children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self.children[values] = HistogramChild(self.upper)
-        return child
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.upper)
 
     def snapshot(self) -> list[list[Any]]:
         return [

@@ -7,7 +7,12 @@ from typing import Any
 from . import __version__
 from .emails import MAX_EMAIL_CHARS
 from .sessions import COOKIE_NAME
-from .validation import MAX_KEY_CHARS, MAX_SAFE_INTEGER
+from .validation import (
+    MAX_KEY_CHARS,
+    MAX_PASSWORD_BYTES,
+    MAX_SAFE_INTEGER,
+    MIN_PASSWORD_BYTES,
+)
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 
@@ -191,8 +196,12 @@ def document() -> dict[str, Any]:
                         },
                         "password": {
                             "type": "string",
-                            "minLength": 8,
-                            "description": "8 to 72 bytes in UTF-8",
+                            # JSON Schema counts characters, the rule counts UTF-8 bytes (up to
+                            # 4 a character): the fewest characters the rule lets through.
+                            "minLength": MIN_PASSWORD_BYTES // 4,
+                            "description": (
+                                f"{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes in UTF-8"
+                            ),
                         },
                     },
                 },
