@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import re
 import shutil
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio
 from aiohttp import web
@@ -231,6 +233,60 @@ async def test_counters_need_a_session(api: TestClient) -> None:
             await api.post("/api/increment", json={"key": "c", "value": 1}, headers=headers), 401
         )
     await assert_problem(await api.get("/api/sessions"), 401)
+
+
+async def lookups(client: TestClient, result: str) -> float:
+    text = await (await client.get("/metrics")).text()
+    found = re.search(rf'^session_cache_lookups_total{{result="{result}"}} (\S+)$', text, re.M)
+    assert found is not None, f"no {result} series"
+    return float(found.group(1))
+
+
+class CountingGets:
+    """Counts the GETs a replica's Redis client sends (they still reach the real Redis)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.calls = 0
+        self._get = client.get
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await self._get(*args, **kwargs)
+
+
+async def test_a_cache_miss_is_one_redis_read_for_every_waiting_request(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = email()
+    await create_user(api, address)
+    sid = await login(api, address)
+    store = api.app[keys.SESSIONS]
+    gets = CountingGets(store.redis)
+    monkeypatch.setattr(store.redis, "get", gets)
+    for _ in range(3):
+        store.evict(sid)  # as when the entry expires under load
+        statuses = await asyncio.gather(*(whoami(api, sid) for _ in range(40)))
+        assert statuses == [200] * 40
+    assert gets.calls == 3, "one read per expiry, shared by the 40 requests waiting on it"
+
+
+async def test_a_session_in_use_is_refreshed_before_it_expires(
+    api: TestClient, redis_client: redis.asyncio.Redis
+) -> None:
+    address = email()
+    await create_user(api, address)
+    sid = await login(api, address)
+    assert await whoami(api, sid) == 200  # the first read caches it
+    misses = await lookups(api, "miss")
+    before = orjson.loads(await redis_client.get(redis_key(api, sid)))["session"]["last_seen"]
+    started = time.monotonic()
+    while time.monotonic() - started < 3 * sessions.CACHE_TTL_SECONDS:
+        assert await whoami(api, sid) == 200
+        await asyncio.sleep(0.05)
+    assert await lookups(api, "miss") == misses, "no request of a busy session waited on Redis"
+    assert await lookups(api, "refresh") >= 2
+    after = orjson.loads(await redis_client.get(redis_key(api, sid)))["session"]["last_seen"]
+    assert after > before, "refreshes move last_seen on (the idle timeout follows use)"
 
 
 async def test_a_foreign_value_under_a_session_key_is_no_session(
