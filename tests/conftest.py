@@ -93,7 +93,10 @@ def redis_url(servers: Servers) -> str:
 @pytest.fixture
 async def clean(database_url: str, redis_url: str) -> None:
     """Empty tables and Redis before a test."""
-    await _admin(database_url, "TRUNCATE counters, users, applied_batches")
+    await _admin(
+        database_url,
+        "TRUNCATE counters, users, applied_batches, idempotency_keys, batch_rejections",
+    )
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         await client.flushdb()

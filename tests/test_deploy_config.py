@@ -63,6 +63,7 @@ SERVICE_SETTINGS: dict[str, str | None] = {
     "LOG_LEVEL": "INFO",
     "LOG_FORMAT": "json",
     "ACCESS_LOG": "true",
+    "IDEMPOTENCY_TTL_SECONDS": "3600",
     "SHUTDOWN_TIMEOUT_SECONDS": "15",
     "AUTO_MIGRATE": "true",
     "REPLICA_ID": None,

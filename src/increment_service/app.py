@@ -17,7 +17,7 @@ from .middleware import request_middleware
 from .redis_client import redis_ctx, unavailable
 from .settings import Settings
 from .tracing import TRACER_NAME
-from .validation import MAX_BODY_BYTES
+from .validation import MAX_BATCH_BODY_BYTES
 from .views import accounts, increments, operations
 from .writebehind import write_behind_ctx
 
@@ -26,7 +26,7 @@ def guarded(handler: Handler) -> Handler:
     """The session guard in front of ``handler``: 401 without a live session."""
 
     async def guarded_handler(request: web.Request) -> web.StreamResponse:
-        await sessions.require_session(request)
+        request[keys.SESSION] = await sessions.require_session(request)
         return await handler(request)
 
     return guarded_handler
@@ -56,7 +56,8 @@ def create_app(settings: Settings) -> web.Application:
         AccessLog(settings.log_format, sample=settings.access_log) if log_requests else None
     )
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES,
+        # The largest body of any route (a batch); each route checks its own limit.
+        client_max_size=MAX_BATCH_BODY_BYTES,
         handler_args={
             # Never inflate a request body (see validation.refuse_content_coding).
             "auto_decompress": False,
@@ -89,10 +90,13 @@ def create_app(settings: Settings) -> web.Application:
 
     sessions.silence_session_key_warning()
     open_increment: Handler = increments.increment
+    open_batch: Handler = increments.increment_batch
     if settings.increment_auth == "session":
-        open_increment = guarded(open_increment)
+        open_increment, open_batch = guarded(open_increment), guarded(open_batch)
     app.router.add_post("/increment", open_increment)
     app.router.add_post("/api/increment", guarded(increments.increment))
+    app.router.add_post("/increments", open_batch)
+    app.router.add_post("/api/increments", guarded(increments.increment_batch))
     app.router.add_get("/api/counters/{key:.+}", guarded(increments.get_counter))
     app.router.add_post("/api/users", accounts.create_user)
     app.router.add_post("/api/sessions", with_session_middleware(accounts.login))

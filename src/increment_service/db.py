@@ -27,6 +27,9 @@ Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 #: answers 503 (the pool's command_timeout, 10 s, is for the write-behind).
 REQUEST_TIMEOUT_SECONDS = 5.0
 
+#: The server-side limit on any statement of the service (milliseconds).
+STATEMENT_TIMEOUT_MS = 30_000
+
 #: Postgres cannot answer now (down, starting, restarting, overloaded, too slow): the request
 #: is fine and may be retried, so these are a 503, never a 500.
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
@@ -100,7 +103,13 @@ async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
     assert settings.database_url is not None  # create_app refuses settings without one
     # min_size=0: a replica starts (and buffers increments) even while Postgres is down.
     pool = await asyncpg.create_pool(
-        settings.database_url, min_size=0, max_size=4, command_timeout=10
+        settings.database_url,
+        min_size=0,
+        max_size=4,
+        command_timeout=10,
+        # Enforced by the server, even when the client is gone: no statement of the service
+        # outlives this (the idempotency grace period counts on it, see writebehind.py).
+        server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS)},
     )
     app[keys.PG_POOL] = pool
     yield

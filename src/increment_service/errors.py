@@ -38,6 +38,10 @@ class MalformedJSON(ProblemError):
     status, slug, title = 400, "malformed-json", "Malformed JSON"
 
 
+class InvalidIdempotencyKey(ProblemError):
+    status, slug, title = 400, "invalid-idempotency-key", "Invalid Idempotency-Key"
+
+
 class Unauthorized(ProblemError):
     status, slug, title = 401, "unauthorized", "Unauthorized"
 
@@ -60,6 +64,12 @@ class UnsupportedMediaType(ProblemError):
 
 class ValidationFailed(ProblemError):
     status, slug, title = 422, "validation", "Validation Failed"
+
+
+class IdempotencyKeyReused(ProblemError):
+    """The key was used for another request (another route kind or other items)."""
+
+    status, slug, title = 422, "idempotency-key-reused", "Idempotency-Key Reused"
 
 
 class TooManyRequests(ProblemError):

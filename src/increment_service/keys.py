@@ -1,4 +1,5 @@
-"""Typed application keys: every shared resource of an app, in one place."""
+"""Typed application keys: every shared resource of an app (and what the guard leaves on a
+request), in one place."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # imported for annotations only: these modules import keys
 
     from .logs import AccessLog
     from .metrics import Metrics
-    from .sessions import SessionStore
+    from .sessions import SessionInfo, SessionStore
     from .users import Passwords
     from .writebehind import WriteBehind
 
@@ -30,3 +31,6 @@ PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")
 #: Only set when requests are logged (ACCESS_LOG, and LOG_LEVEL at INFO or below).
 ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
+
+#: Set by the session guard on the requests it let through: whose session it is.
+SESSION: web.RequestKey[SessionInfo] = web.RequestKey("session")

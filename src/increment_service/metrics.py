@@ -79,8 +79,22 @@ class Metrics:
             "Session lookups answered by the local cache (hit) or by Redis (miss).",
             ["result"],
         )
+        self.idempotent_replays = LocalCounter(
+            "increment_idempotent_replays",
+            "Keyed requests found applied already, so not applied again: answered as a replay"
+            " on arrival (stage=request) or found at flush (stage=flush).",
+            ["stage"],
+        )
+        self.idempotency_conflicts = LocalCounter(
+            "increment_idempotency_conflicts",
+            "Keyed requests whose Idempotency-Key was used for another body: refused with 422"
+            " on arrival (stage=request) or dropped at flush (stage=flush). Never applied.",
+            ["stage"],
+        )
         self.local = (
             self.requests,
+            self.idempotent_replays,
+            self.idempotency_conflicts,
             self.increments,
             self.backpressure_rejections,
             self.protocol_errors,
@@ -116,6 +130,12 @@ class Metrics:
         self.pending_keys = Gauge(
             "increment_pending_keys",
             "Distinct keys held in memory, not yet persisted.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.keyed_items_pending = Gauge(
+            "increment_keyed_items_pending",
+            "Items of keyed requests held in memory, not yet persisted (part of pending keys).",
             multiprocess_mode="livesum",
             registry=r,
         )
@@ -156,8 +176,11 @@ class Metrics:
             self.logins.labels(outcome)
         for outcome in ("created", "duplicate", "throttled"):
             self.signups.labels(outcome)
-        for result in ("hit", "miss"):
+        for result in ("hit", "miss", "refresh"):
             self.session_cache.labels(result)
+        for stage in ("request", "flush"):
+            self.idempotent_replays.labels(stage)
+            self.idempotency_conflicts.labels(stage)
         for kind in ("BadHttpMessage", "BadStatusLine", "LineTooLong", "InvalidHeader"):
             self.protocol_errors.labels(kind)
         self.requests_in_flight = 0  # sampled into `in_flight` by sampler_ctx

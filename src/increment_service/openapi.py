@@ -8,6 +8,11 @@ from . import __version__
 from .emails import MAX_EMAIL_CHARS
 from .sessions import COOKIE_NAME
 from .validation import (
+    IDEMPOTENCY_KEY,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_ITEMS,
+    MAX_BODY_BYTES,
+    MAX_IDEMPOTENCY_KEY_CHARS,
     MAX_KEY_CHARS,
     MAX_PASSWORD_BYTES,
     MAX_SAFE_INTEGER,
@@ -25,14 +30,41 @@ def _json(schema_ref: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}
 
 
-_INCREMENT = {
-    "summary": "Add value to the counter of key",
-    "requestBody": {"required": True, "content": _json("Increment")},
-    "responses": {
-        "202": {"description": "Accepted; persisted within 10 s"},
-        **_problems(400, 401, 405, 413, 415, 422, 503),
-    },
+_IDEMPOTENCY_KEY = {
+    "name": IDEMPOTENCY_KEY,
+    "in": "header",
+    "required": False,
+    "description": (
+        "Applies the request at most once per key (per user on the session routes, one shared"
+        " scope on the open ones) for IDEMPOTENCY_TTL_SECONDS: a retry gets the same answer and"
+        " is not applied again; another body under a used key is 422 (or, when another replica"
+        " holds the key, dropped). A structured-field string or a bare token of 1 to"
+        f" {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS + 2},
 }
+
+
+def _increment(summary: str, body: str, limit: int) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "parameters": [_IDEMPOTENCY_KEY],
+        "requestBody": {
+            "required": True,
+            "description": f"at most {limit} bytes",
+            "content": _json(body),
+        },
+        "responses": {
+            "202": {"description": "Accepted; persisted within 10 s"},
+            **_problems(400, 401, 405, 413, 415, 422, 503),
+        },
+    }
+
+
+_INCREMENT = _increment("Add value to the counter of key", "Increment", MAX_BODY_BYTES)
+_INCREMENTS = _increment(
+    f"Add 1 to {MAX_BATCH_ITEMS} increments, all or none", "Increments", MAX_BATCH_BODY_BYTES
+)
 
 _HEALTH = {
     "summary": "Readiness: Postgres, Redis and the write-behind",
@@ -52,6 +84,10 @@ def document() -> dict[str, Any]:
             "/increment": {"post": {**_INCREMENT, "operationId": "increment"}},
             "/api/increment": {
                 "post": {**_INCREMENT, "operationId": "apiIncrement", "security": session}
+            },
+            "/increments": {"post": {**_INCREMENTS, "operationId": "increments"}},
+            "/api/increments": {
+                "post": {**_INCREMENTS, "operationId": "apiIncrements", "security": session}
             },
             "/api/counters/{key}": {
                 "get": {
@@ -171,6 +207,20 @@ def document() -> dict[str, Any]:
                             "minimum": -MAX_SAFE_INTEGER,
                             "maximum": MAX_SAFE_INTEGER,
                         },
+                    },
+                },
+                "Increments": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["increments"],
+                    "properties": {
+                        "increments": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_BATCH_ITEMS,
+                            "items": {"$ref": "#/components/schemas/Increment"},
+                            "description": "keys may repeat: their values are summed",
+                        }
                     },
                 },
                 "Counter": {

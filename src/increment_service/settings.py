@@ -39,6 +39,9 @@ class Settings:
     # Log one successful request in N (every other request always); 0 logs none. ACCESS_LOG is
     # true (1), false (0) or sample:N.
     access_log: int = 1
+    # How long an Idempotency-Key is remembered (at least; at most twice as long). The same on
+    # every replica: it is the width of the time buckets the keys are stored by.
+    idempotency_ttl_seconds: int = 3600
     shutdown_timeout_seconds: float = 15.0
     auto_migrate: bool = True
     replica_id: str = dataclasses.field(default_factory=socket.gethostname)
@@ -69,6 +72,11 @@ class Settings:
             ),
             ("LOG_FORMAT", self.log_format in ("json", "console"), "must be json or console"),
             ("ACCESS_LOG", self.access_log >= 0, "must be true, false or sample:N"),
+            (
+                "IDEMPOTENCY_TTL_SECONDS",
+                1 <= self.idempotency_ttl_seconds <= 7 * 86_400,
+                "must be between 1 and 604800 (a week)",
+            ),
             ("SHUTDOWN_TIMEOUT_SECONDS", self.shutdown_timeout_seconds > 0, "must be > 0"),
             ("REPLICA_ID", 0 < len(self.replica_id) <= 100, "must be 1 to 100 characters"),
         ]
@@ -120,6 +128,7 @@ class Settings:
         read("LOG_LEVEL", str.upper)
         read("LOG_FORMAT", str.lower)
         read("ACCESS_LOG", _access_log)
+        read("IDEMPOTENCY_TTL_SECONDS", int)
         read("SHUTDOWN_TIMEOUT_SECONDS", _finite_float)
         read("AUTO_MIGRATE", _bool)
         read("REPLICA_ID", str)

@@ -48,3 +48,40 @@ applied_batches = sa.Table(
     # Pruning deletes by age.
     sa.Index("applied_batches_applied_at_idx", "applied_at"),
 )
+
+#: The ring of partitions of idempotency_keys (migration 0004): a key recorded in time bucket b
+#: (epoch // IDEMPOTENCY_TTL_SECONDS) lives in slot b % IDEMPOTENCY_SLOTS.
+IDEMPOTENCY_SLOTS = 4
+
+
+def _idempotency_columns() -> list[sa.Column[object]]:
+    return [
+        sa.Column("slot", sa.SmallInteger, primary_key=True),
+        sa.Column("scope", sa.Text, primary_key=True),
+        sa.Column("key", sa.Text, primary_key=True),
+        sa.Column("bucket", sa.BigInteger, nullable=False),
+        sa.Column("fingerprint", sa.LargeBinary, nullable=False),
+        sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    ]
+
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    *_idempotency_columns(),
+    postgresql_partition_by="LIST (slot)",
+)
+# Each partition is a table of its own to Postgres, and to the comparison with the migrations.
+idempotency_partitions = [
+    sa.Table(f"idempotency_keys_{slot}", metadata, *_idempotency_columns())
+    for slot in range(IDEMPOTENCY_SLOTS)
+]
+
+batch_rejections = sa.Table(
+    "batch_rejections",
+    metadata,
+    sa.Column("replica_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("keys", sa.ARRAY(sa.Text), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)

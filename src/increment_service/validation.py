@@ -3,18 +3,31 @@ typed values or a problem, nothing between."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from aiohttp import hdrs, web
 
 from . import emails
-from .errors import MalformedJSON, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from .errors import (
+    InvalidIdempotencyKey,
+    MalformedJSON,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 
 #: Bodies are tiny JSON objects; anything bigger is refused before it is parsed.
 MAX_BODY_BYTES = 4096
+#: A batch (POST /increments): 1 to 1000 increments in at most 128 KiB.
+MAX_BATCH_ITEMS = 1000
+MAX_BATCH_BODY_BYTES = 128 * 1024
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_KEY_CHARS = 256
 MAX_SAFE_INTEGER = 2**53 - 1
 #: bcrypt reads at most 72 bytes; longer passwords are refused, never silently truncated.
@@ -93,7 +106,7 @@ def parse_json_strict(body: bytes) -> Any:
         raise MalformedJSON(f"the body is not valid JSON: {exc}") from None
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_json(request: web.Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
     # The usual header as it is sent skips parsing it (aiohttp parses it on first use).
     if request.headers.get(hdrs.CONTENT_TYPE) != "application/json":
         if request.content_type != "application/json":
@@ -102,10 +115,12 @@ async def read_json(request: web.Request) -> Any:
         if charset is not None and charset.lower() not in ("utf-8", "utf8"):
             raise UnsupportedMediaType("JSON bodies must be UTF-8")
     length = request.content_length
-    if length is not None and length > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the body may be at most {MAX_BODY_BYTES} bytes")
-    # client_max_size (set to MAX_BODY_BYTES) also stops a chunked body that grows too big.
+    if length is not None and length > max_bytes:
+        raise PayloadTooLarge(f"the body may be at most {max_bytes} bytes")
+    # client_max_size (the batch limit) stops a chunked body that grows past any route's.
     body = await request.read()
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"the body may be at most {max_bytes} bytes")
     return parse_json(body)
 
 
@@ -157,43 +172,46 @@ def check_object(
     return data
 
 
-def check_key(data: dict[str, Any], errors: list[dict[str, str]]) -> str:
+def check_key(data: dict[str, Any], errors: list[dict[str, str]], at: str = "") -> str:
     key = data.get("key")
     if "key" not in data:
         return ""
     if not isinstance(key, str):
-        errors.append({"pointer": "/key", "detail": "must be a string"})
+        errors.append({"pointer": f"{at}/key", "detail": "must be a string"})
     elif not 1 <= len(key) <= MAX_KEY_CHARS:
-        errors.append({"pointer": "/key", "detail": f"must be 1 to {MAX_KEY_CHARS} characters"})
+        errors.append(
+            {"pointer": f"{at}/key", "detail": f"must be 1 to {MAX_KEY_CHARS} characters"}
+        )
     elif _FORBIDDEN_IN_KEY.search(key):
         errors.append(
-            {"pointer": "/key", "detail": "must not contain control characters or lone surrogates"}
+            {
+                "pointer": f"{at}/key",
+                "detail": "must not contain control characters or lone surrogates",
+            }
         )
     else:
         return key
     return ""
 
 
-def check_value(data: dict[str, Any], errors: list[dict[str, str]]) -> int:
+def check_value(data: dict[str, Any], errors: list[dict[str, str]], at: str = "") -> int:
     value = data.get("value")
     if "value" not in data:
         return 0
     # bool is a subclass of int; `true` is not a number.
     if type(value) is not int:
-        errors.append({"pointer": "/value", "detail": "must be an integer"})
+        errors.append({"pointer": f"{at}/value", "detail": "must be an integer"})
     elif not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
         errors.append(
-            {"pointer": "/value", "detail": "must be between -(2^53-1) and 2^53-1 inclusive"}
+            {"pointer": f"{at}/value", "detail": "must be between -(2^53-1) and 2^53-1 inclusive"}
         )
     else:
         return value
     return 0
 
 
-async def read_increment(request: web.Request) -> tuple[str, int]:
-    """The ``(key, value)`` of an increment body, or a problem naming every bad member."""
-    data = await read_json(request)
-    # The common case in one expression; any doubt goes through the checks that name errors.
+def _plain_increment(data: Any) -> tuple[str, int] | None:
+    """The common case in one expression; any doubt goes through the checks that name errors."""
     if type(data) is dict and len(data) == 2:
         key, value = data.get("key"), data.get("value")
         if (
@@ -204,6 +222,28 @@ async def read_increment(request: web.Request) -> tuple[str, int]:
             and not _FORBIDDEN_IN_KEY.search(key)
         ):
             return key, value
+    return None
+
+
+def _check_increment(data: Any, errors: list[dict[str, str]], at: str = "") -> tuple[str, int]:
+    if not isinstance(data, dict):
+        errors.append({"pointer": at, "detail": "must be an object"})
+        return "", 0
+    for name in ("key", "value"):
+        if name not in data:
+            errors.append({"pointer": f"{at}/{name}", "detail": "is required"})
+    for name in data:
+        if name not in ("key", "value"):
+            errors.append({"pointer": f"{at}{_pointer(name)}", "detail": "is not a known member"})
+    return check_key(data, errors, at), check_value(data, errors, at)
+
+
+async def read_increment(request: web.Request) -> tuple[str, int]:
+    """The ``(key, value)`` of an increment body, or a problem naming every bad member."""
+    data = await read_json(request)
+    plain = _plain_increment(data)
+    if plain is not None:
+        return plain
     errors: list[dict[str, str]] = []
     data = check_object(data, ("key", "value"), errors)
     key = check_key(data, errors)
@@ -211,6 +251,88 @@ async def read_increment(request: web.Request) -> tuple[str, int]:
     if errors:
         raise ValidationFailed("the increment body is invalid", errors=errors)
     return key, value
+
+
+async def read_increments(request: web.Request) -> list[tuple[str, int]]:
+    """A batch body ``{"increments": [{"key", "value"}, ...]}``: 1 to MAX_BATCH_ITEMS items,
+    all valid or a problem pointing at every bad one (``/increments/17/value``)."""
+    errors: list[dict[str, str]] = []
+    data = check_object(await read_json(request, MAX_BATCH_BODY_BYTES), ("increments",), errors)
+    given = data.get("increments")
+    if "increments" in data and (
+        not isinstance(given, list) or not 1 <= len(given) <= MAX_BATCH_ITEMS
+    ):
+        errors.append(
+            {
+                "pointer": "/increments",
+                "detail": f"must be an array of 1 to {MAX_BATCH_ITEMS} increments",
+            }
+        )
+    if errors:
+        raise ValidationFailed("the batch body is invalid", errors=errors)
+    assert isinstance(given, list)
+    items: list[tuple[str, int]] = []
+    for n, entry in enumerate(given):
+        item = _plain_increment(entry) or _check_increment(entry, errors, f"/increments/{n}")
+        items.append(item)
+    if errors:
+        raise ValidationFailed("the batch body is invalid", errors=errors)
+    return items
+
+
+def read_idempotency_key(request: web.Request) -> str | None:
+    """The request's Idempotency-Key, or None without one.
+
+    As the IETF draft has it, a structured-field string (``"..."``, with ``\\"`` and ``\\\\``
+    escapes), or a bare token as common APIs accept; either way 1 to 255 visible ASCII
+    characters (``!`` to ``~``), or a 400."""
+    headers = request.headers
+    if IDEMPOTENCY_KEY not in headers:
+        return None
+    values = headers.getall(IDEMPOTENCY_KEY)
+    if len(values) != 1:
+        raise InvalidIdempotencyKey("send one Idempotency-Key")
+    raw = values[0].strip(" \t")
+    if raw.startswith('"'):
+        key = _sf_string(raw)
+    elif raw and all("!" <= char <= "~" for char in raw):
+        key = raw
+    else:
+        key = None
+    if key is None or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidIdempotencyKey(
+            f"the Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII"
+            ' characters, bare or as a structured-field string ("...")'
+        )
+    return key
+
+
+def _sf_string(raw: str) -> str | None:
+    """The content of an RFC 8941 string (``"a\\"b"``), or None if ``raw`` is not exactly one
+    (or holds a character that is not visible ASCII)."""
+    chars: list[str] = []
+    at = 1
+    while at < len(raw):
+        char = raw[at]
+        if char == "\\":
+            if raw[at + 1 : at + 2] not in ('"', "\\"):
+                return None
+            chars.append(raw[at + 1])
+            at += 2
+        elif char == '"':
+            return "".join(chars) if at == len(raw) - 1 else None
+        elif "!" <= char <= "~":
+            chars.append(char)
+            at += 1
+        else:
+            return None
+    return None  # no closing quote
+
+
+def fingerprint(kind: str, items: Sequence[tuple[str, int]]) -> bytes:
+    """What a keyed request must repeat to be the same request: the route kind (a single
+    increment or a batch) and the parsed items, in order (not the headers, not the bytes)."""
+    return hashlib.blake2b(orjson.dumps([kind, items]), digest_size=16).digest()
 
 
 # --- users and credentials ----------------------------------------------------------------

@@ -1,0 +1,368 @@
+"""Batches and Idempotency-Key: applied at most once per key, across replicas and restarts.
+
+Every test runs against real Postgres (and Redis for the session routes). A second
+``create_app`` on the same database is another replica; a new one is a restarted replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from increment_service import keys
+from increment_service.app import create_app
+from increment_service.settings import Settings
+from increment_service.validation import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
+from increment_service.writebehind import Batch, Keyed, apply_batch
+from tests.support.net import JSON
+
+Client = TestClient[Any, Any]
+
+
+def key_header(key: str) -> dict[str, str]:
+    return {"Idempotency-Key": key}
+
+
+async def counters(pg: asyncpg.Connection) -> dict[str, int]:
+    return {r["key"]: r["value"] for r in await pg.fetch("SELECT key, value FROM counters")}
+
+
+async def flush(*clients: Client) -> None:
+    for client in clients:
+        assert await client.app[keys.WRITE_BEHIND].flush()
+
+
+async def metric(client: Client, sample: str) -> float:
+    text = await (await client.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {sample} in /metrics")
+
+
+@pytest.fixture
+async def replica(aiohttp_client: Any, settings: Settings) -> Any:
+    """Makes replicas of one database (slow timer: the tests flush by hand)."""
+
+    async def make(**changes: Any) -> Client:
+        app = create_app(dataclasses.replace(settings, flush_interval_seconds=9, **changes))
+        client: Client = await aiohttp_client(app)
+        return client
+
+    return make
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+async def test_a_batch_is_applied_whole_and_repeated_keys_are_summed(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    body = {
+        "increments": [{"key": "a", "value": 1}, {"key": "b", "value": 5}, {"key": "a", "value": 2}]
+    }
+    response = await client.post("/increments", json=body)
+    assert response.status == 202
+    assert await response.read() == b""
+    await flush(client)
+    assert await counters(pg) == {"a": 3, "b": 5}
+    assert await metric(client, "increments_total") == 3
+
+
+async def test_a_bad_item_anywhere_refuses_the_whole_batch(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    items: list[Any] = [{"key": f"k{n}", "value": n} for n in range(MAX_BATCH_ITEMS)]
+    items[999] = {"key": "k999", "value": 1.5}
+    items[3] = {"key": "", "value": 1, "extra": True}
+    response = await client.post("/increments", json={"increments": items})
+    assert response.status == 422
+    problem = await response.json(content_type=None)
+    pointers = sorted(error["pointer"] for error in problem["errors"])
+    assert pointers == ["/increments/3/extra", "/increments/3/key", "/increments/999/value"]
+    await flush(client)
+    assert await counters(pg) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"increments": []}, 422),
+        ({"increments": [{"key": "a", "value": 1}] * (MAX_BATCH_ITEMS + 1)}, 422),
+        ({"increments": {"key": "a", "value": 1}}, 422),
+        ({"increments": [1]}, 422),
+        ({"increments": [{"key": "a", "value": 1}], "more": 1}, 422),
+        ([{"key": "a", "value": 1}], 422),
+    ],
+)
+async def test_batches_out_of_shape_are_refused(
+    client: Client, pg: asyncpg.Connection, body: Any, status: int
+) -> None:
+    response = await client.post("/increments", json=body)
+    assert response.status == status
+    assert response.content_type == "application/problem+json"
+    await flush(client)
+    assert await counters(pg) == {}
+
+
+async def test_a_batch_over_128_kib_is_413_and_a_single_increment_keeps_4_kib(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    padding = "x" * 200
+    items = [{"key": f"{padding}{n}", "value": 1} for n in range(MAX_BATCH_ITEMS)]
+    body = ('{"increments": ' + str(items).replace("'", '"') + "}").encode()
+    assert len(body) > MAX_BATCH_BODY_BYTES
+    assert (await client.post("/increments", data=body, headers=JSON)).status == 413
+    single = b'{"key": "a", "value": 1, "pad": "' + b"x" * 5000 + b'"}'
+    assert (await client.post("/increment", data=single, headers=JSON)).status == 413
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"key": "a", "value": 1, "pad": "'
+        for _ in range(8):
+            yield b"x" * 1024
+        yield b'"}'
+
+    assert (await client.post("/increment", data=chunks(), headers=JSON)).status == 413
+    await flush(client)
+    assert await counters(pg) == {}
+
+
+async def test_a_batch_over_max_pending_keys_applies_nothing(
+    replica: Any, pg: asyncpg.Connection
+) -> None:
+    client = await replica(max_pending_keys=10)
+    assert (await client.post("/increment", json={"key": "z", "value": 1})).status == 202
+    items = [{"key": f"k{n}", "value": 1} for n in range(10)]  # 10 new keys + 1 pending: 11
+    refused = await client.post("/increments", json={"increments": items})
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    keyed = await client.post("/increments", json={"increments": items}, headers=key_header("full"))
+    assert keyed.status == 503
+    await flush(client)
+    assert await counters(pg) == {"z": 1}
+    # The 503 did not use the key up.
+    assert (
+        await client.post("/increments", json={"increments": items}, headers=key_header("full"))
+    ).status == 202
+    await flush(client)
+    assert await counters(pg) == {"z": 1, **{f"k{n}": 1 for n in range(10)}}
+
+
+# --- Idempotency-Key ------------------------------------------------------------------------
+
+
+async def test_a_retry_on_the_same_replica_is_the_same_202_and_applied_once(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    for _ in range(3):
+        response = await client.post(
+            "/increment", json={"key": "a", "value": 5}, headers=key_header("op-1")
+        )
+        assert response.status == 202
+    await flush(client)
+    for _ in range(2):  # after the commit too
+        response = await client.post(
+            "/increment", json={"key": "a", "value": 5}, headers=key_header("op-1")
+        )
+        assert response.status == 202
+    await flush(client)
+    assert await counters(pg) == {"a": 5}
+    assert await metric(client, 'increment_idempotent_replays_total{stage="request"}') == 4
+    assert await metric(client, "increments_total") == 5 - 4
+
+
+async def test_the_same_key_on_two_replicas_in_one_interval_is_applied_once(
+    replica: Any, pg: asyncpg.Connection
+) -> None:
+    a, b = await replica(), await replica()
+    for client in (a, b):
+        response = await client.post(
+            "/increments",
+            json={"increments": [{"key": "x", "value": 2}, {"key": "y", "value": 3}]},
+            headers=key_header("shared"),
+        )
+        assert response.status == 202
+    # Both batches at once: the two statements meet on the key's unique index.
+    await asyncio.gather(flush(a), flush(b))
+    assert await counters(pg) == {"x": 2, "y": 3}
+    replays = [await metric(c, 'increment_idempotent_replays_total{stage="flush"}') for c in (a, b)]
+    assert sorted(replays) == [0, 1]
+
+
+async def test_another_body_under_a_used_key_is_never_applied(
+    replica: Any, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = await replica(), await replica()
+    assert (
+        await a.post("/increment", json={"key": "a", "value": 1}, headers=key_header("k"))
+    ).status == 202
+    # This replica holds the key: it can tell at once.
+    local = await a.post("/increment", json={"key": "a", "value": 2}, headers=key_header("k"))
+    assert local.status == 422
+    assert (await local.json(content_type=None))["type"].endswith(":idempotency-key-reused")
+    # The same items as a batch are another request too (the route kind is fingerprinted).
+    as_batch = await a.post(
+        "/increments", json={"increments": [{"key": "a", "value": 1}]}, headers=key_header("k")
+    )
+    assert as_batch.status == 422
+    await flush(a)
+    # Another replica cannot tell: it accepts, and the flush drops it, counts it, logs it.
+    caplog.set_level(logging.WARNING, logger="increment_service.writebehind")
+    remote = await b.post("/increment", json={"key": "a", "value": 100}, headers=key_header("k"))
+    assert remote.status == 202
+    await flush(b)
+    assert await counters(pg) == {"a": 1}
+    assert await metric(b, 'increment_idempotency_conflicts_total{stage="flush"}') == 1
+    assert await metric(a, 'increment_idempotency_conflicts_total{stage="request"}') == 2
+    assert any(getattr(r, "event", None) == "idempotency-conflict" for r in caplog.records)
+    # And b now knows: the next attempt is refused at once.
+    again = await b.post("/increment", json={"key": "a", "value": 100}, headers=key_header("k"))
+    assert again.status == 422
+
+
+async def test_a_replay_after_a_restart_is_applied_once(
+    replica: Any, pg: asyncpg.Connection
+) -> None:
+    first = await replica()
+    body = {"increments": [{"key": "r", "value": 7}]}
+    assert (await first.post("/increments", json=body, headers=key_header("restart"))).status == 202
+    await flush(first)
+    await first.close()  # the replica stops; its memory of the key goes with it
+    restarted = await replica()
+    assert (
+        await restarted.post("/increments", json=body, headers=key_header("restart"))
+    ).status == 202
+    await flush(restarted)
+    assert await counters(pg) == {"r": 7}
+
+
+async def test_a_4xx_does_not_use_the_key_up(client: Client, pg: asyncpg.Connection) -> None:
+    bad = await client.post("/increment", json={"key": "a", "value": "1"}, headers=key_header("u"))
+    assert bad.status == 422
+    good = await client.post("/increment", json={"key": "a", "value": 1}, headers=key_header("u"))
+    assert good.status == 202
+    await flush(client)
+    assert await counters(pg) == {"a": 1}
+
+
+async def test_keys_of_two_users_do_not_collide(replica: Any, pg: asyncpg.Connection) -> None:
+    client = await replica()
+    cookies = []
+    for _ in range(2):
+        credentials = {"email": f"u-{uuid.uuid4().hex[:10]}@example.com", "password": "p" * 12}
+        assert (await client.post("/api/users", json=credentials)).status == 201
+        login = await client.post("/api/sessions", json=credentials)
+        assert login.status == 201
+        cookies.append({"Cookie": f"INCREMENT_SESSION={login.cookies['INCREMENT_SESSION'].value}"})
+        client.session.cookie_jar.clear()  # the next login must not rotate this session away
+    for headers in cookies:
+        response = await client.post(
+            "/api/increment",
+            json={"key": "shared-counter", "value": 1},
+            headers={**headers, **key_header("same-key")},
+        )
+        assert response.status == 202
+    # The open routes have one scope of their own.
+    assert (
+        await client.post(
+            "/increment", json={"key": "shared-counter", "value": 1}, headers=key_header("same-key")
+        )
+    ).status == 202
+    await flush(client)
+    assert await counters(pg) == {"shared-counter": 3}
+    scopes = await pg.fetch("SELECT scope FROM idempotency_keys WHERE key = 'same-key'")
+    assert len({r["scope"] for r in scopes}) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        ("plain-token_1.2~3", 202),
+        ('"a structured-field string"'.replace(" ", "-"), 202),
+        ('"with-\\"escapes\\"-and-\\\\"', 202),
+        ("k" * 255, 202),
+        ("k" * 256, 400),
+        ('"' + "k" * 256 + '"', 400),
+        ("", 400),
+        ('""', 400),
+        ("has space", 400),
+        ("caf\u00e9", 400),
+        ('"unterminated', 400),
+        ('"bad \\escape"', 400),
+        ('"trailing"x', 400),
+    ],
+)
+async def test_the_idempotency_key_header(
+    client: Client, pg: asyncpg.Connection, value: str, status: int
+) -> None:
+    response = await client.post(
+        "/increment",
+        data=b'{"key": "h", "value": 1}',
+        headers={**JSON, "Idempotency-Key": value.encode("utf-8").decode("latin-1")},
+    )
+    assert response.status == status
+    await flush(client)
+    assert await counters(pg) == ({"h": 1} if status == 202 else {})
+
+
+async def test_two_idempotency_keys_are_400(client: Client, pg: asyncpg.Connection) -> None:
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict([("Content-Type", "application/json")])
+    headers.add("Idempotency-Key", "one")
+    headers.add("Idempotency-Key", "two")
+    response = await client.post("/increment", data=b'{"key": "h", "value": 1}', headers=headers)
+    assert response.status == 400
+    assert (await response.json(content_type=None))["type"].endswith(":invalid-idempotency-key")
+
+
+async def test_keys_expire_after_the_ttl(replica: Any, pg: asyncpg.Connection) -> None:
+    """A key is remembered for at least one TTL and at most two (the buckets it is stored by);
+    then the same key is a new request."""
+    ttl = 1
+    a = await replica(idempotency_ttl_seconds=ttl)
+    body = {"key": "e", "value": 1}
+    assert (await a.post("/increment", json=body, headers=key_header("expiring"))).status == 202
+    await flush(a)
+    applied_at = time.time()
+    # Within the TTL: a replay, from another replica too (no local memory there).
+    b = await replica(idempotency_ttl_seconds=ttl)
+    assert (await b.post("/increment", json=body, headers=key_header("expiring"))).status == 202
+    await flush(b)
+    assert await counters(pg) == {"e": 1}
+    # Two whole buckets later, the key is forgotten.
+    await asyncio.sleep(max(0.0, (int(applied_at) // ttl + 2) * ttl - time.time() + 0.05))
+    c = await replica(idempotency_ttl_seconds=ttl)
+    assert (await c.post("/increment", json=body, headers=key_header("expiring"))).status == 202
+    await flush(c)
+    assert await counters(pg) == {"e": 2}
+
+
+@pytest.mark.parametrize("grace", [0, 10**9], ids=["past-the-grace", "within-the-grace"])
+async def test_a_key_from_the_previous_bucket_is_still_recorded(
+    pg: asyncpg.Connection, clean: None, grace: int
+) -> None:
+    """Both ways a statement looks at the bucket before its own: a plain lookup (past the
+    grace period) and a second claim in that bucket's partition (within it)."""
+    ttl = 1
+    request = Keyed("open", "boundary", b"f" * 16, (("b", 1),))
+
+    def batch(seq: int) -> Batch:
+        return Batch("r", seq, [], [], 0.0, keyed=(request,))
+
+    first = await apply_batch(pg, batch(1), 10, idempotency_ttl=ttl, grace=grace)
+    assert first.claimed == {0}
+    bucket = int(time.time()) // ttl
+    await asyncio.sleep(max(0.0, (bucket + 1) * ttl - time.time() + 0.05))  # the next bucket
+    second = await apply_batch(pg, batch(2), 10, idempotency_ttl=ttl, grace=grace)
+    assert second.claimed == set()
+    assert second.recorded_before == {0: request.fingerprint}
+    assert await counters(pg) == {"b": 1}
