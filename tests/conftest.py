@@ -114,6 +114,7 @@ def settings(clean: None, database_url: str, redis_url: str, tmp_path: Path) -> 
         access_log=False,
         replica_id="test",
         shutdown_timeout_seconds=5,
+        durable_timeout_seconds=2,
     )
 
 

@@ -64,6 +64,7 @@ SERVICE_SETTINGS: dict[str, str | None] = {
     "LOG_FORMAT": "json",
     "ACCESS_LOG": "true",
     "IDEMPOTENCY_TTL_SECONDS": "3600",
+    "DURABLE_TIMEOUT_SECONDS": "5",
     "SHUTDOWN_TIMEOUT_SECONDS": "15",
     "AUTO_MIGRATE": "true",
     "REPLICA_ID": None,
@@ -957,14 +958,25 @@ def test_native_nginx_answers_problem_json_when_no_replica_is_up(tmp_path: Path)
     assert {"type", "title", "detail"} <= set(problem)
 
 
-@pytest.mark.parametrize("path", ["/increment", "/api/increment", "/api/users"])
-def test_native_nginx_refuses_bodies_over_what_the_route_takes(tmp_path: Path, path: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "limit"),
+    [
+        ("/increment", 4096),
+        ("/api/increment", 4096),
+        ("/api/users", 4096),
+        ("/increments", 128 * 1024),
+        ("/api/increments", 128 * 1024),
+    ],
+)
+def test_native_nginx_refuses_bodies_over_what_the_route_takes(
+    tmp_path: Path, path: str, limit: int
+) -> None:
     with _running_nginx(tmp_path, [free_port()]) as listen:
         connection = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
         try:
             connection.putrequest("POST", path)
             connection.putheader("Content-Type", "application/json")
-            connection.putheader("Content-Length", str(4096 + 1))
+            connection.putheader("Content-Length", str(limit + 1))
             connection.endheaders()
             response = connection.getresponse()
             status, content_type, body = (

@@ -413,6 +413,7 @@ def scenario(
             "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
             "TRUSTED_PROXIES": "127.0.0.1",  # the session user's X-Forwarded-For is believed
             "SHUTDOWN_TIMEOUT_SECONDS": "5",
+            "DURABLE_TIMEOUT_SECONDS": "2",
         },
         tmp / "service.log",
     )

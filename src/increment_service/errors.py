@@ -72,12 +72,31 @@ class IdempotencyKeyReused(ProblemError):
     status, slug, title = 422, "idempotency-key-reused", "Idempotency-Key Reused"
 
 
+class KeyInUse(ProblemError):
+    """A durable request with this key still waits for its commit on this replica."""
+
+    status, slug, title = 409, "idempotency-key-in-use", "Idempotency-Key In Use"
+
+
 class TooManyRequests(ProblemError):
     status, slug, title = 429, "too-many-requests", "Too Many Requests"
 
 
 class ServiceUnavailable(ProblemError):
     status, slug, title = 503, "unavailable", "Service Unavailable"
+
+
+class NotCommitted(ServiceUnavailable):
+    """A durable request whose group was never sent to Postgres: nothing was applied."""
+
+    slug = "not-committed"
+
+
+class OutcomeUnknown(ServiceUnavailable):
+    """A durable request whose group was sent, without an answer in time: it may have been
+    applied, or may be later (the group is retried under the same id)."""
+
+    slug, title = "outcome-unknown", "Outcome Unknown"
 
 
 def problem_type(slug: str) -> str:

@@ -107,9 +107,15 @@ class LocalHistogram(_Family["HistogramChild"]):
     ) -> None:
         super().__init__(name, documentation, labelnames)
         self.upper = tuple(sorted(buckets))
+        self._unlabelled = None if labelnames else self.labels()
 
     def _new_child(self) -> HistogramChild:
         return HistogramChild(self.upper)
+
+    def observe(self, value: float) -> None:
+        if self._unlabelled is None:
+            raise ValueError(f"{self.name} has labels: use .labels(...).observe()")
+        self._unlabelled.observe(value)
 
     def snapshot(self) -> list[list[Any]]:
         return [

@@ -42,6 +42,7 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 _FLUSH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _FLUSH_KEYS_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
 
@@ -91,8 +92,29 @@ class Metrics:
             " on arrival (stage=request) or dropped at flush (stage=flush). Never applied.",
             ["stage"],
         )
+        self.durable_requests = LocalCounter(
+            "increment_durable_requests",
+            "Durable requests (Prefer: durable) by outcome: committed, replay, conflict,"
+            " not-sent (503, nothing applied), unknown (503, the group is retried).",
+            ["outcome"],
+        )
+        self.durable_seconds = LocalHistogram(
+            "increment_durable_commit_seconds",
+            "How long a durable request waited for the commit of its group.",
+            [],
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.durable_group_size = LocalHistogram(
+            "increment_durable_group_size",
+            "Durable requests committed together in one group (group commit).",
+            [],
+            buckets=_GROUP_SIZE_BUCKETS,
+        )
         self.local = (
             self.requests,
+            self.durable_requests,
+            self.durable_seconds,
+            self.durable_group_size,
             self.idempotent_replays,
             self.idempotency_conflicts,
             self.increments,
@@ -178,6 +200,8 @@ class Metrics:
             self.signups.labels(outcome)
         for result in ("hit", "miss", "refresh"):
             self.session_cache.labels(result)
+        for outcome in ("committed", "replay", "conflict", "not-sent", "unknown"):
+            self.durable_requests.labels(outcome)
         for stage in ("request", "flush"):
             self.idempotent_replays.labels(stage)
             self.idempotency_conflicts.labels(stage)

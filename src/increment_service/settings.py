@@ -42,6 +42,8 @@ class Settings:
     # How long an Idempotency-Key is remembered (at least; at most twice as long). The same on
     # every replica: it is the width of the time buckets the keys are stored by.
     idempotency_ttl_seconds: int = 3600
+    # How long a durable request (Prefer: durable) waits for its commit before a 503.
+    durable_timeout_seconds: float = 5.0
     shutdown_timeout_seconds: float = 15.0
     auto_migrate: bool = True
     replica_id: str = dataclasses.field(default_factory=socket.gethostname)
@@ -77,7 +79,17 @@ class Settings:
                 1 <= self.idempotency_ttl_seconds <= 7 * 86_400,
                 "must be between 1 and 604800 (a week)",
             ),
-            ("SHUTDOWN_TIMEOUT_SECONDS", self.shutdown_timeout_seconds > 0, "must be > 0"),
+            (
+                "DURABLE_TIMEOUT_SECONDS",
+                0 < self.durable_timeout_seconds <= 60,
+                "must be > 0 and at most 60",
+            ),
+            (
+                "SHUTDOWN_TIMEOUT_SECONDS",
+                self.shutdown_timeout_seconds >= self.durable_timeout_seconds + 2,
+                "must exceed DURABLE_TIMEOUT_SECONDS by 2 s at least (SIGTERM answers every"
+                " waiting durable request before the final flush)",
+            ),
             ("REPLICA_ID", 0 < len(self.replica_id) <= 100, "must be 1 to 100 characters"),
         ]
         for name, ok, why in checks:
@@ -86,13 +98,15 @@ class Settings:
 
     @property
     def request_drain_seconds(self) -> float:
-        """At SIGTERM, how long in-flight requests may take to finish."""
-        return self.shutdown_timeout_seconds * 0.25
+        """At SIGTERM, how long in-flight requests may take to finish: a quarter of the
+        budget, and never less than a durable request may wait for its commit."""
+        return max(self.shutdown_timeout_seconds * 0.25, self.durable_timeout_seconds + 1)
 
     @property
     def final_flush_seconds(self) -> float:
-        """At SIGTERM, once requests have drained: the final flush's share of the budget."""
-        return self.shutdown_timeout_seconds * 0.7
+        """At SIGTERM, once requests have drained: the final flush gets the rest, less a
+        margin for the process to exit."""
+        return (self.shutdown_timeout_seconds - self.request_drain_seconds) * 0.9
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +143,7 @@ class Settings:
         read("LOG_FORMAT", str.lower)
         read("ACCESS_LOG", _access_log)
         read("IDEMPOTENCY_TTL_SECONDS", int)
+        read("DURABLE_TIMEOUT_SECONDS", _finite_float)
         read("SHUTDOWN_TIMEOUT_SECONDS", _finite_float)
         read("AUTO_MIGRATE", _bool)
         read("REPLICA_ID", str)

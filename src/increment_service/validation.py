@@ -329,6 +329,17 @@ def _sf_string(raw: str) -> str | None:
     return None  # no closing quote
 
 
+def prefers_durable(request: web.Request) -> bool:
+    """Whether the request asks ``Prefer: durable`` (RFC 7240: a list of preferences, each a
+    token, case-insensitive, maybe with a value and parameters; unknown ones are ignored)."""
+    for value in request.headers.getall("Prefer", ()):
+        for preference in value.split(","):
+            name = preference.split(";", 1)[0].split("=", 1)[0].strip().lower()
+            if name == "durable":
+                return True
+    return False
+
+
 def fingerprint(kind: str, items: Sequence[tuple[str, int]]) -> bytes:
     """What a keyed request must repeat to be the same request: the route kind (a single
     increment or a batch) and the parsed items, in order (not the headers, not the bytes)."""

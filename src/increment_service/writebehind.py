@@ -124,6 +124,33 @@ class KeyedOutcome(enum.Enum):
     CONFLICT = "conflict"  # this replica has it already, another body: never applied
 
 
+class Durable(enum.Enum):
+    """How a durable request ended (see WriteBehind.commit_durably)."""
+
+    COMMITTED = "committed"  # in Postgres (some items may be rejected: see .rejected)
+    REPLAY = "replay"  # its key was applied before, with this body: committed then
+    CONFLICT = "conflict"  # its key was applied before, with another body: never applied
+    NOT_SENT = "not-sent"  # never sent to Postgres: nothing applied
+    UNKNOWN = "unknown"  # sent, no answer in time: the group is retried until it is known
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DurableAnswer:
+    outcome: Durable
+    rejected: frozenset[str] = frozenset()  # counter keys whose total would leave bigint
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Waiting:
+    """A durable request waiting for the commit of its group."""
+
+    items: tuple[tuple[str, int], ...]
+    keyed: Keyed | None
+    answer: asyncio.Future[DurableAnswer]
+    sent: bool = False  # its group's statement went to Postgres
+    abandoned: bool = False  # answered 503 before it was sent: it must never be
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Batch:
     replica_id: str
@@ -210,16 +237,21 @@ class Aggregator:
 
     def fingerprint_of(self, ident: Ident) -> bytes | None:
         """The fingerprint this replica holds for a key: pending, in flight, or applied."""
+        found = self.lookup(ident)
+        return None if found is None else found[0]
+
+    def lookup(self, ident: Ident) -> tuple[bytes, bool] | None:
+        """(fingerprint, applied) of a key this replica holds: applied, or still in memory."""
         waiting = self._keyed.get(ident) or self._in_flight_keyed.get(ident)
         if waiting is not None:
-            return waiting.fingerprint
+            return waiting.fingerprint, False
         known = self._known.get(ident)
         if known is None:
             return None
         if known[1] <= self._clock():
             del self._known[ident]
             return None
-        return known[0]
+        return known[0], True
 
     def remember(self, applied: Iterable[tuple[Ident, bytes]]) -> None:
         """Keys found applied in Postgres, for the retries that come back here."""
@@ -568,11 +600,21 @@ class WriteBehind:
         flush_interval: float,
         max_pending_keys: int,
         idempotency_ttl: float = 3600.0,
+        durable_timeout: float = 5.0,
         tracer: Tracer | None = None,
     ) -> None:
         # A fresh suffix per process start: seq restarts at 1, and a batch id must never
         # collide with one recorded by an earlier incarnation of the same replica.
         incarnation = f"{replica_id}:{secrets.token_hex(6)}"
+        # Durable groups have sequence numbers of their own, under an id of their own in the
+        # same ledger: they commit beside the timer's batch, never as part of it.
+        self.durable_id = f"{incarnation}/durable"
+        self._durable_seq = 0
+        self.durable_timeout = durable_timeout
+        self._waiting: list[_Waiting] = []
+        self._waiting_keys: dict[Ident, _Waiting] = {}
+        self._durable_wakeup = asyncio.Event()
+        self._in_commit: asyncio.Future[None] | None = None
         self.aggregator = Aggregator(incarnation, max_pending_keys, idempotency_ttl=idempotency_ttl)
         self.idempotency_ttl = idempotency_ttl
         self.pool = pool
@@ -624,6 +666,167 @@ class WriteBehind:
             asyncio.create_task(self._run(), name="write-behind flusher"),
             asyncio.create_task(self._observe_often(), name="write-behind gauges"),
         ]
+        self._committer = asyncio.create_task(self._commit_groups(), name="durable committer")
+
+    # -- durable acknowledgement ---------------------------------------------------------
+
+    @property
+    def committing(self) -> bool:
+        """A durable group is on its way to Postgres (or retried for its outcome)."""
+        return self._in_commit is not None and not self._in_commit.done()
+
+    def waiting_durably(self, ident: Ident) -> bool:
+        """A durable request with this key waits for its commit here (a retry gets 409)."""
+        return ident in self._waiting_keys
+
+    async def commit_durably(
+        self, items: Sequence[tuple[str, int]], keyed: Keyed | None = None
+    ) -> DurableAnswer:
+        """Commit ``items`` (and ``keyed``'s key) with the next group, and say how it went.
+
+        The replica's waiting durable requests are committed together, one group at a time:
+        the next group starts as soon as the previous one commits (group commit). A request
+        still waiting after ``durable_timeout`` is answered: NOT_SENT if its group never went to
+        Postgres (and then it never will), UNKNOWN if it did (the group is retried under the
+        same id until its outcome is known)."""
+        pending = self.aggregator.pending_keys + sum(len(w.items) for w in self._waiting)
+        if pending + len(items) > self.aggregator.max_pending_keys:
+            self.metrics.backpressure_rejections.inc()
+            raise BackpressureError(retry_after=1)
+        waiting = _Waiting(tuple(items), keyed, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        if keyed is not None:
+            self._waiting_keys[keyed.ident] = waiting
+        self._durable_wakeup.set()
+        started = time.perf_counter()
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(waiting.answer), self.durable_timeout)
+        except TimeoutError:
+            if waiting.sent:
+                answer = DurableAnswer(Durable.UNKNOWN)
+            else:
+                waiting.abandoned = True
+                self._forget(waiting)
+                answer = DurableAnswer(Durable.NOT_SENT)
+        finally:
+            self.metrics.durable_seconds.observe(time.perf_counter() - started)
+        self.metrics.durable_requests.labels(answer.outcome.value).inc()
+        return answer
+
+    def _forget(self, waiting: _Waiting) -> None:
+        if waiting.keyed is not None and self._waiting_keys.get(waiting.keyed.ident) is waiting:
+            del self._waiting_keys[waiting.keyed.ident]
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(waiting)
+
+    async def _commit_groups(self) -> None:
+        while True:
+            await self._durable_wakeup.wait()
+            self._durable_wakeup.clear()
+            group = [w for w in self._waiting if not w.abandoned]
+            self._waiting = []
+            if group:
+                self._in_commit = asyncio.ensure_future(self._commit_group(group))
+                try:
+                    await self._in_commit
+                except Exception:  # pragma: no cover -- a bug: answer, and go on committing
+                    log.exception("durable group error", extra={"event": "durable"})
+                    for waiting in group:
+                        if not waiting.answer.done():
+                            waiting.answer.set_result(DurableAnswer(Durable.UNKNOWN))
+                finally:
+                    for waiting in group:
+                        self._forget(waiting)
+            if self._waiting:
+                self._durable_wakeup.set()
+
+    async def _commit_group(self, group: list[_Waiting]) -> None:
+        """Send ``group`` as one batch; retry it under the same id until its outcome is
+        known. Requests that time out before it is sent leave it (they were answered 503)."""
+        failures = 0
+        batch: Batch | None = None
+        while True:
+            try:
+                async with self.pool.acquire(timeout=self.durable_timeout) as conn:
+                    if batch is None:
+                        group[:] = [w for w in group if not w.abandoned]
+                        if not group:
+                            return  # every request gave up before anything was sent
+                        batch = self._group_batch(group)
+                        for waiting in group:
+                            waiting.sent = True
+                        self.metrics.durable_group_size.observe(len(group))
+                    applied = await apply_batch(
+                        conn,
+                        batch,
+                        statement_timeout=max(5.0, self.durable_timeout),
+                        idempotency_ttl=self.idempotency_ttl,
+                    )
+            except Exception as exc:  # noqa: BLE001 -- retried until the outcome is known
+                failures += 1
+                self.metrics.flush_failures.inc()
+                log.warning(
+                    "durable group failed, will retry" if batch else "durable group not sent",
+                    extra={
+                        "event": "durable",
+                        "outcome": "error",
+                        "seq": batch.seq if batch else None,
+                        "requests": len(group),
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "attempt": failures,
+                    },
+                )
+                await asyncio.sleep(min(1.0, _FIRST_BACKOFF_SECONDS * 2**failures))
+                continue
+            if applied.rejected:
+                self._reject(batch, applied.rejected)
+            if batch.keyed:
+                self._settle_keyed(batch, applied)
+            self._answer(group, batch, applied)
+            return
+
+    def _group_batch(self, group: list[_Waiting]) -> Batch:
+        """One batch of a group: unkeyed items summed per counter key, keyed ones as they are."""
+        sums: dict[str, int] = {}
+        keyed: list[Keyed] = []
+        for waiting in group:
+            if waiting.keyed is not None:
+                keyed.append(waiting.keyed)
+                continue
+            for key, value in waiting.items:
+                sums[key] = sums.get(key, 0) + value
+        keys = [k for k, d in sums.items() if INT64_MIN <= d <= INT64_MAX]
+        wide = {k: d for k, d in sums.items() if not INT64_MIN <= d <= INT64_MAX}
+        self._durable_seq += 1
+        return Batch(
+            self.durable_id,
+            self._durable_seq,
+            keys,
+            [sums[k] for k in keys],
+            time.monotonic(),
+            wide,
+            tuple(keyed),
+        )
+
+    def _answer(self, group: list[_Waiting], batch: Batch, applied: Applied) -> None:
+        rejected = frozenset(applied.rejected)
+        position = {request.ident: n for n, request in enumerate(batch.keyed)}
+        for waiting in group:
+            if waiting.answer.done():
+                continue
+            outcome = Durable.COMMITTED
+            if waiting.keyed is not None:
+                n = position[waiting.keyed.ident]
+                if n not in applied.claimed:
+                    recorded = applied.recorded_before.get(n)
+                    same = recorded is None or recorded == waiting.keyed.fingerprint
+                    outcome = Durable.REPLAY if same else Durable.CONFLICT
+            mine = frozenset(k for k, _ in waiting.items) & rejected
+            if outcome is Durable.COMMITTED or not applied.fresh:
+                # A retry that found its own group applied earlier: committed then.
+                waiting.answer.set_result(DurableAnswer(outcome, mine))
+            else:
+                waiting.answer.set_result(DurableAnswer(outcome))
 
     async def _run(self) -> None:
         delay = self.flush_interval
@@ -809,7 +1012,17 @@ class WriteBehind:
         self.metrics.persist_lag.set(self.aggregator.persist_lag())
 
     async def close(self, within: float) -> None:
-        """Stop the loop, then flush everything left, retrying for at most ``within`` seconds."""
+        """Stop the loop, then flush everything left, retrying for at most ``within`` seconds.
+
+        Durable requests were answered while requests drained (each within its timeout); a
+        group still retried for an unknown outcome goes on for the rest of the budget."""
+        committer = getattr(self, "_committer", None)
+        if committer is not None:
+            if self._in_commit is not None and not self._in_commit.done():
+                await asyncio.wait({self._in_commit}, timeout=within / 2)
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -847,6 +1060,7 @@ async def write_behind_ctx(app: web.Application) -> AsyncIterator[None]:
         flush_interval=settings.flush_interval_seconds,
         max_pending_keys=settings.max_pending_keys,
         idempotency_ttl=settings.idempotency_ttl_seconds,
+        durable_timeout=settings.durable_timeout_seconds,
         tracer=provider.get_tracer(TRACER_NAME) if provider is not None else None,
     )
     app[keys.WRITE_BEHIND] = write_behind

@@ -124,6 +124,10 @@ class CuttingProxy:
         self.upstream = unix_or_tcp(database_url)
         self.armed = False
         self.cuts = 0
+        # While set, new connections are closed at once (Postgres looks unreachable); set by
+        # a cut when ``refuse_after_cut``, so a retry cannot settle the outcome at once.
+        self.refusing = False
+        self.refuse_after_cut = False
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -142,6 +146,9 @@ class CuttingProxy:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         path, host, port = self.upstream
         if path is not None:
             up_reader, up_writer = await asyncio.open_unix_connection(path)
@@ -163,6 +170,7 @@ class CuttingProxy:
                     # for an implicit transaction, committed) it. Drop the answer, cut the line.
                     self.armed = False
                     self.cuts += 1
+                    self.refusing = self.refuse_after_cut
                     break
                 writer.write(data)
                 await writer.drain()
