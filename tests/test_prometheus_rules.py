@@ -41,6 +41,8 @@ HISTOGRAMS = {
     "http_request_duration_seconds",
     "increment_flush_duration_seconds",
     "increment_flush_keys",
+    "increment_durable_commit_seconds",
+    "increment_durable_group_size",
 }
 COUNTERS = {
     "increments_total",
@@ -51,6 +53,9 @@ COUNTERS = {
     "session_cache_lookups_total",
     "http_protocol_errors_total",
     "user_signups_total",
+    "increment_idempotent_replays_total",
+    "increment_idempotency_conflicts_total",
+    "increment_durable_requests_total",
 }
 GAUGES = {
     "http_requests_in_flight",
@@ -59,6 +64,7 @@ GAUGES = {
     "event_loop_lag_seconds",
     "process_open_fds",
     "process_max_fds",
+    "increment_keyed_items_pending",
 }
 # Series Prometheus itself attaches to every scrape target.
 SYNTHETIC = {"up"}
@@ -264,6 +270,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
 # --- rules and their unit tests ----------------------------------------------------------
 
 EXPECTED_ALERTS = {
+    "DurableCommitSlow",
     "ProcessFileDescriptorsNearLimit",
     "IncrementPersistLagHigh",
     "IncrementFlushFailing",

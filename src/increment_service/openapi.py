@@ -45,18 +45,50 @@ _IDEMPOTENCY_KEY = {
 }
 
 
+_PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": (
+        "`durable` (RFC 7240): answer only after the Postgres commit that holds the"
+        " increments (204, or 200 naming the items not applied), instead of 202 at once."
+    ),
+    "schema": {"type": "string", "examples": ["durable"]},
+}
+_DURABLE_APPLIED = {
+    "Preference-Applied": {
+        "description": "`durable` on a durable answer",
+        "schema": {"type": "string", "const": "durable"},
+    }
+}
+
+
 def _increment(summary: str, body: str, limit: int) -> dict[str, Any]:
     return {
         "summary": summary,
-        "parameters": [_IDEMPOTENCY_KEY],
+        "parameters": [_IDEMPOTENCY_KEY, _PREFER],
         "requestBody": {
             "required": True,
             "description": f"at most {limit} bytes",
             "content": _json(body),
         },
         "responses": {
-            "202": {"description": "Accepted; persisted within 10 s"},
-            **_problems(400, 401, 405, 413, 415, 422, 503),
+            "202": {"description": "Accepted (in memory); persisted within 10 s"},
+            "204": {
+                "description": "Prefer: durable: committed to Postgres",
+                "headers": _DURABLE_APPLIED,
+            },
+            "200": {
+                "description": (
+                    "Prefer: durable: committed, but some items were not applied (their"
+                    " counter would have left the 64-bit range)"
+                ),
+                "headers": _DURABLE_APPLIED,
+                "content": _json("NotApplied"),
+            },
+            # 409: a durable request with this Idempotency-Key still waits for its commit.
+            # 503: backpressure, or (durable) not committed in time, or outcome unknown.
+            **_problems(400, 401, 405, 409, 413, 415, 422, 503),
         },
     }
 
@@ -220,6 +252,24 @@ def document() -> dict[str, Any]:
                             "maxItems": MAX_BATCH_ITEMS,
                             "items": {"$ref": "#/components/schemas/Increment"},
                             "description": "keys may repeat: their values are summed",
+                        }
+                    },
+                },
+                "NotApplied": {
+                    "type": "object",
+                    "required": ["notApplied"],
+                    "properties": {
+                        "notApplied": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["index", "key", "reason"],
+                                "properties": {
+                                    "index": {"type": "integer", "minimum": 0},
+                                    "key": {"type": "string"},
+                                    "reason": {"type": "string"},
+                                },
+                            },
                         }
                     },
                 },
