@@ -356,6 +356,20 @@ async def drive(base: str, run: str) -> Tally:
                     misc, tally, "POST", base + "/increment", "/increment", {422}, json=bad
                 )
                 await request(misc, tally, "GET", f"{base}/no-such-page/{tick}", "unmatched", {404})
+            if tick % 4 == 1:  # a durable increment, and a keyed one sent twice (one replay)
+                one = {"key": key(run, tick), "value": 1}
+                durable = {"Prefer": "durable"}
+                await request(
+                    misc, tally, "POST", base + "/increment", "/increment", {204},
+                    json=one, headers=durable,
+                )  # fmt: skip
+                keyed = {"Idempotency-Key": f"{run}-{tick}"}
+                for _ in range(2):
+                    await request(
+                        misc, tally, "POST", base + "/increment", "/increment", {202},
+                        json=one, headers=keyed,
+                    )  # fmt: skip
+                tally.acknowledged += 2  # the durable one, and the keyed one once
             if tick % 12 == 0:
                 await request(misc, tally, "GET", base + "/api/health", "/api/health", {200})
             await asyncio.sleep(max(0.0, started + (tick + 1) * TICK_SECONDS - time.monotonic()))
@@ -455,9 +469,11 @@ def test_traffic_went_as_planned(scenario: Scenario) -> None:
     tally = scenario.tally
     assert tally.errors == 0, scenario.service.log()[-3000:]
     assert tally.surprises == []
-    assert tally.acknowledged == round(TRAFFIC_SECONDS / TICK_SECONDS) * INCREMENTS_PER_TICK
+    ticks = round(TRAFFIC_SECONDS / TICK_SECONDS)
+    # Each tick's increments, and every fourth tick a durable one and a keyed one (sent twice).
+    assert tally.acknowledged == ticks * INCREMENTS_PER_TICK + 2 * len(range(1, ticks, 4))
     statuses = {status for _, _, status in tally.responses}
-    assert {202, 404, 422, 200} <= statuses
+    assert {202, 204, 404, 422, 200} <= statuses
     # Enough samples for every rate window the dashboard and the rules use.
     up = f'up{{job="{JOB}",instance="{scenario.instance}"}}'
     samples = scenario.prometheus.value(f"count_over_time({up}[{RATE_INTERVAL}])", scenario.at)
