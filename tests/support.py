@@ -109,8 +109,15 @@ async def send_increments(
 class ServiceProcess:
     """``increment-service`` run for real, in a subprocess, on a free loopback port."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        port: int | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.port = port or free_port()
+        self.wrapper = list(wrapper)  # a command the service runs under (e.g. unshare)
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
@@ -129,7 +136,7 @@ class ServiceProcess:
     def start(self, timeout: float = 60.0) -> ServiceProcess:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "increment_service", "serve"],
+                [*self.wrapper, sys.executable, "-m", "increment_service", "serve"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -947,3 +954,17 @@ class LbTraffic:
 
     def unknown(self) -> list[Sent]:
         return [s for s in self.sent if s.unknown]
+
+
+async def signed_in(base_url: str) -> dict[str, str]:
+    """A new user logged in at ``base_url``: the Cookie header of its session (kept in Redis
+    only, so it outlives a restart only if Redis kept its data)."""
+    from increment_service.sessions import COOKIE_NAME
+
+    account = {"email": f"user-{os.urandom(6).hex()}@example.com", "password": "correct horse"}
+    async with aiohttp.ClientSession(base_url=base_url) as session:
+        async with session.post("/api/users", json=account) as response:
+            assert response.status == 201, await response.text()
+        async with session.post("/api/sessions", json=account) as response:
+            assert response.status == 201, await response.text()
+            return {"Cookie": f"{COOKIE_NAME}={response.cookies[COOKIE_NAME].value}"}

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 
 from tests.conftest import embedded_base
-from tests.support import ServiceProcess
+from tests.support import ServiceProcess, signed_in
 
 
 def _socket_url(data_dir: Path) -> str:
@@ -64,3 +70,70 @@ async def test_embedded_default_starts_persists_stops_and_keeps_its_data(
     finally:
         second.stop()
     assert value == 8, "the first run's increment survived the restart"
+
+
+def unshare_pid_namespace() -> list[str]:
+    """unshare's command for a new PID namespace, whose first process is PID 1 (as in a
+    container without an init); skips where this machine does not allow one."""
+    unshare, setsid = shutil.which("unshare"), shutil.which("setsid")
+    if unshare is None or setsid is None:
+        pytest.skip("unshare and setsid (util-linux) are needed")
+    # A session of its own: a signal to its process group (kill(0, ...)) stays in there.
+    command = [setsid, unshare, "--fork", "--pid", "--mount-proc"]
+    probe = subprocess.run([*command, "true"], capture_output=True, timeout=30, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no PID namespace here: {probe.stderr.decode(errors='replace').strip()}")
+    return command
+
+
+def namespace_init(outer_pid: int) -> int:
+    """The pid (as seen from here) of the process that unshare forked: PID 1 inside."""
+    (child,) = Path(f"/proc/{outer_pid}/task/{outer_pid}/children").read_text().split()
+    status = Path(f"/proc/{child}/status").read_text()
+    ns_pids = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()
+    assert ns_pids[-1] == "1", ns_pids
+    return int(child)
+
+
+async def test_embedded_service_as_pid_1_stops_its_servers_and_exits_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """PID 1 without an init: orphans (the postmaster) are its children and an exited one stays
+    a zombie until it reaps it. SIGTERM must still end in exit 0 within seconds, with both
+    servers stopped cleanly and their data kept."""
+    wrapper = unshare_pid_namespace()
+    data_dir = embedded_base() / "data"
+    env = {"DATABASE_URL": "", "REDIS_URL": "", "DATA_DIR": str(data_dir)}
+    service = ServiceProcess(env, tmp_path / "pid1.log", wrapper=wrapper).start(timeout=120)
+    try:
+        cookie = await signed_in(service.url)
+        assert await _increment(service.url, 5) == 202
+        assert service.process is not None
+        init = namespace_init(service.process.pid)
+        sent = time.monotonic()
+        os.kill(init, signal.SIGTERM)
+        returncode = service.wait(30)
+        took = time.monotonic() - sent
+    finally:
+        service.stop()
+    assert returncode == 0, service.log()
+    assert took < 5, f"SIGTERM to exit took {took:.1f}s"
+    pg_log = (data_dir / "postgres" / "log").read_text()
+    assert "received fast shutdown request" in pg_log
+    assert "database system is shut down" in pg_log
+    assert not (data_dir / "postgres" / "postmaster.pid").exists()
+    assert '"level":"error"' not in service.log()
+
+    # Started again (not as PID 1): the session was saved by Redis at its stop, the counter
+    # by the final flush.
+    again = ServiceProcess(env, tmp_path / "again.log").start(timeout=120)
+    try:
+        async with (
+            aiohttp.ClientSession(base_url=again.url, headers=cookie) as session,
+            session.get("/api/counters/kept") as response,
+        ):
+            assert response.status == 200, await response.text()
+            assert (await response.json())["value"] == 5
+    finally:
+        assert again.stop() == 0
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
