@@ -591,6 +591,13 @@ def json_log_lines(text: str) -> list[dict[str, Any]]:
     return events
 
 
+def last_upstream(entry: Mapping[str, Any]) -> str:
+    """The address ("host:port") of the replica that gave nginx's final answer in one entry of
+    the JSON access log of deploy/nginx: `$upstream_addr` lists every replica tried, ', '
+    between tries; "" when nginx answered by itself."""
+    return str(entry.get("upstream_addr", "")).replace(" : ", ", ").split(", ")[-1]
+
+
 def render_native_nginx(prefix: Path, listen_port: int, upstream_ports: Sequence[int]) -> str:
     """deploy/nginx/native.conf.template rendered by deploy/nginx/render_native.py."""
     import importlib.util
@@ -702,8 +709,7 @@ class NginxProcess:
         nginx tried: `$upstream_addr` lists every try, ', ' between tries)."""
         answered: dict[str, int] = {}
         for entry in self.access_log():
-            tried = str(entry.get("upstream_addr", "")).replace(" : ", ", ").split(", ")
-            last = tried[-1].rsplit(":", 1) if tried and tried[-1] else []
+            last = last_upstream(entry).rsplit(":", 1)
             if len(last) == 2 and last[1].isdigit():
                 answered[str(entry["request_id"])] = int(last[1])
         return answered
@@ -968,3 +974,15 @@ async def signed_in(base_url: str) -> dict[str, str]:
         async with session.post("/api/sessions", json=account) as response:
             assert response.status == 201, await response.text()
             return {"Cookie": f"{COOKIE_NAME}={response.cookies[COOKIE_NAME].value}"}
+
+
+async def counter_via_api(base_url: str, key: str, headers: Mapping[str, str]) -> int:
+    """GET /api/counters/{key} with a session (``headers`` from signed_in): the persisted
+    value; fails on any answer but 200."""
+    async with (
+        aiohttp.ClientSession(base_url=base_url, headers=headers) as session,
+        session.get(f"/api/counters/{key}") as response,
+    ):
+        assert response.status == 200, await response.text()
+        value: int = (await response.json())["value"]
+        return value
