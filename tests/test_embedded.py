@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import embedded_base
-from tests.support import ServiceProcess, signed_in
+from tests.support import ServiceProcess, counter_via_api, signed_in
 
 
 def _socket_url(data_dir: Path) -> str:
@@ -128,12 +128,7 @@ async def test_embedded_service_as_pid_1_stops_its_servers_and_exits_on_sigterm(
     # by the final flush.
     again = ServiceProcess(env, tmp_path / "again.log").start(timeout=120)
     try:
-        async with (
-            aiohttp.ClientSession(base_url=again.url, headers=cookie) as session,
-            session.get("/api/counters/kept") as response,
-        ):
-            assert response.status == 200, await response.text()
-            assert (await response.json())["value"] == 5
+        assert await counter_via_api(again.url, "kept", cookie) == 5
     finally:
         assert again.stop() == 0
         shutil.rmtree(data_dir.parent, ignore_errors=True)
