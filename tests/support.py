@@ -106,6 +106,16 @@ async def send_increments(
     return result
 
 
+def service_env(database_url: str, redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "DATA_DIR": str(tmp_path),
+        "AUTO_MIGRATE": "false",  # the session database is migrated already
+        **extra,
+    }
+
+
 class ServiceProcess:
     """``increment-service`` run for real, in a subprocess, on a free loopback port."""
 
@@ -117,7 +127,7 @@ class ServiceProcess:
         wrapper: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
-        self.wrapper = list(wrapper)  # a command the service runs under (e.g. unshare)
+        self.wrapper = list(wrapper)  # a command the service runs under (prlimit, unshare...)
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",

@@ -1044,13 +1044,14 @@ def test_native_nginx_answers_problem_json_when_no_replica_is_up(tmp_path: Path)
     assert {"type", "title", "detail"} <= set(problem)
 
 
-def test_native_nginx_answers_problem_json_for_huge_bodies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["/increment", "/api/increment", "/api/users"])
+def test_native_nginx_refuses_bodies_over_what_the_route_takes(tmp_path: Path, path: str) -> None:
     with _running_nginx(tmp_path, [_free_port()]) as listen:
         connection = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
         try:
-            connection.putrequest("POST", "/increment")
+            connection.putrequest("POST", path)
             connection.putheader("Content-Type", "application/json")
-            connection.putheader("Content-Length", str(2 * 1024 * 1024))
+            connection.putheader("Content-Length", str(4096 + 1))
             connection.endheaders()
             response = connection.getresponse()
             status, content_type, body = (

@@ -38,6 +38,7 @@ from tests.support import (
     persisted,
     running,
     send_increments,
+    service_env,
     tcp_listeners,
     wait_until_no_other_backends,
     wait_until_persisted,
@@ -113,16 +114,6 @@ def log_events(service: ServiceProcess) -> list[dict[str, Any]]:
         for line in service.log().splitlines(keepends=True)
         if line.startswith("{") and line.endswith("\n")
     ]
-
-
-def service_env(database_url: str, redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "DATA_DIR": str(tmp_path),
-        "AUTO_MIGRATE": "false",  # the session database is migrated already
-        **extra,
-    }
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ from aiohttp.test_utils import TestClient
 from increment_service import keys
 from increment_service.app import create_app
 from increment_service.db import migrate_with_retry
-from increment_service.errors import problem_middleware
 from increment_service.logs import ConsoleFormatter, JsonFormatter
+from increment_service.metrics import Metrics
+from increment_service.middleware import request_middleware
 from increment_service.settings import Settings
 from tests.support import ServiceProcess, free_port
 
@@ -70,7 +71,10 @@ async def test_old_batch_ids_are_pruned(client: TestClient, pg: asyncpg.Connecti
         " ('kept', 1, now() - interval '23 hours')"
     )
     write_behind = client.app[keys.WRITE_BEHIND]
-    write_behind._last_prune = 0.0  # as if the last prune was long ago
+    await write_behind._maybe_prune()  # just started: not due for an hour
+    rows = await pg.fetch("SELECT replica_id FROM applied_batches ORDER BY replica_id")
+    assert [r["replica_id"] for r in rows] == ["gone", "kept"]
+    write_behind._next_prune = time.monotonic()  # due now
     await write_behind._maybe_prune()
     rows = await pg.fetch("SELECT replica_id FROM applied_batches")
     assert [r["replica_id"] for r in rows] == ["kept"]
@@ -85,7 +89,7 @@ async def test_an_unexpected_error_is_a_500_problem_and_redirects_pass(
     async def moved(request: web.Request) -> web.Response:
         raise web.HTTPFound("/elsewhere")
 
-    app = web.Application(middlewares=[problem_middleware])
+    app = web.Application(middlewares=[request_middleware(Metrics(), None)])
     app.router.add_get("/broken", broken)
     app.router.add_get("/moved", moved)
     client = await aiohttp_client(app)
@@ -129,6 +133,24 @@ def test_console_log_lines_are_for_humans() -> None:
     assert "ERROR" in first
     assert "hello you event=flush keys=3" in first
     assert "ValueError: boom" in text
+
+
+def test_console_lines_cannot_be_forged_with_control_characters() -> None:
+    forged = "\n12:00:00.000 ERROR   x: forged\r\x1b[2K\x85\u2028"
+    try:
+        raise ValueError(forged)
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "path %s", (forged,), exc_info)
+    record.path = forged
+    text = ConsoleFormatter().format(record)
+    lines = text.split("\n")
+    assert "\\x0a12:00:00.000" in lines[0]
+    assert "\\x0d\\x1b[2K\\x85\\u2028" in lines[0]
+    # The trace follows, every line of it indented: none can pass for a log line.
+    assert len(lines) > 2
+    assert all(line.startswith("  ") for line in lines[1:])
+    assert not any(ch in text for ch in "\r\x1b\x85\u2028")
 
 
 async def test_each_request_is_logged_once_as_json(

@@ -42,8 +42,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml  # type: ignore[import-untyped]  # no stubs in the test environment
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.support import (
     ServiceProcess,
@@ -377,17 +375,13 @@ async def fetch_metrics(base: str) -> str:
         return await response.text()
 
 
-def increments_per_worker(directory: Path, scratch: Path) -> dict[int, float]:
-    """``increments_total`` of each worker, read from its own multiprocess file alone."""
+def increments_per_worker(directory: Path) -> dict[int, float]:
+    """``increments_total`` of each worker, from the file its sampler writes (localmetrics)."""
     result: dict[int, float] = {}
-    for path in sorted(directory.glob("counter_*.db")):
-        pid = int(path.stem.rsplit("_", 1)[1])
-        alone = scratch / str(pid)
-        alone.mkdir(parents=True)
-        shutil.copy(path, alone)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]  # unannotated upstream
-        result[pid] = metric_value(generate_latest(registry).decode(), "increments_total") or 0.0
+    for path in sorted(directory.glob("local-*.json")):
+        pid = int(path.stem.rsplit("-", 1)[1])
+        rows = json.loads(path.read_text())["increments"]
+        result[pid] = sum(value for _labels, value in rows)
     return result
 
 
@@ -451,7 +445,7 @@ def scenario(
         )
         at = time.time()
         exposition = asyncio.run(fetch_metrics(service.url))
-        per_worker = increments_per_worker(multiproc, tmp / "per-worker")
+        per_worker = increments_per_worker(multiproc)
         yield Scenario(prometheus, service, instance, tally, at, exposition, per_worker)
     finally:
         prometheus.stop()

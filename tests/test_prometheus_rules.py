@@ -49,12 +49,15 @@ COUNTERS = {
     "increment_overflow_rejected_total",
     "session_logins_total",
     "session_cache_lookups_total",
+    "http_protocol_errors_total",
 }
 GAUGES = {
     "http_requests_in_flight",
     "increment_pending_keys",
     "increment_persist_lag_seconds",
     "event_loop_lag_seconds",
+    "process_open_fds",
+    "process_max_fds",
 }
 # Series Prometheus itself attaches to every scrape target.
 SYNTHETIC = {"up"}
@@ -260,6 +263,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
 # --- rules and their unit tests ----------------------------------------------------------
 
 EXPECTED_ALERTS = {
+    "ProcessFileDescriptorsNearLimit",
     "IncrementPersistLagHigh",
     "IncrementFlushFailing",
     "HighHttp5xxRatio",

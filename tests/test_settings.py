@@ -70,6 +70,14 @@ def test_every_setting_is_read() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("raw", "every"),
+    [("true", 1), ("off", 0), ("sample:1", 1), ("SAMPLE:100", 100)],
+)
+def test_access_log_is_on_off_or_sampled(raw: str, every: int) -> None:
+    assert Settings.from_env({"ACCESS_LOG": raw}).access_log == every
+
+
 def test_xdg_data_home_places_the_data_dir() -> None:
     assert Settings.from_env({"XDG_DATA_HOME": "/x"}).data_dir == Path("/x/increment-service")
 
@@ -91,6 +99,9 @@ def test_xdg_data_home_places_the_data_dir() -> None:
         ("LOG_LEVEL", "chatty"),
         ("LOG_FORMAT", "xml"),
         ("ACCESS_LOG", "2"),
+        ("ACCESS_LOG", "sample:0"),
+        ("ACCESS_LOG", "sample:"),
+        ("ACCESS_LOG", "every:3"),
         ("SHUTDOWN_TIMEOUT_SECONDS", "0"),
         ("AUTO_MIGRATE", "sometimes"),
         ("REPLICA_ID", "r" * 101),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
+import zlib
 from typing import Any
 
 import asyncpg
@@ -12,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from increment_service import keys
-from increment_service.validation import MAX_BODY_BYTES
+from increment_service.errors import MalformedJSON
+from increment_service.validation import MAX_BODY_BYTES, parse_json, parse_json_strict
 from tests.support import JSON
 
 MAX = 2**53 - 1
@@ -207,3 +211,121 @@ async def test_no_input_produces_a_500(client: TestClient, body: bytes) -> None:
     assert response.status in (202, 400, 413, 422)
     if response.status != 202:
         assert response.content_type == "application/problem+json"
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+_PLAIN = b'{"key": "a", "value": 1}'
+_CRC_BROKEN = _gzip(_PLAIN)[:-8] + b"\x00\x00\x00\x00" + _gzip(_PLAIN)[-4:]
+
+# (content coding, body): every one refused with 415, none inflated or parsed.
+ENCODED_BODIES: list[tuple[str, str, bytes]] = [
+    ("gzip", "gzip", _gzip(_PLAIN)),
+    ("gzip on plain JSON", "gzip", _PLAIN),
+    ("gzip with a bad CRC", "gzip", _CRC_BROKEN),
+    ("gzip without its trailer", "gzip", _gzip(_PLAIN)[:-8]),
+    ("deflate", "deflate", zlib.compress(_PLAIN)),
+    ("deflate, corrupt", "deflate", b"\x78\x9c not deflate"),
+    ("x-gzip", "x-gzip", _gzip(_PLAIN)),
+    ("br", "br", b"\x0b\x0b\x80" + _PLAIN + b"\x03"),
+    ("xz (unknown to aiohttp)", "xz", lzma.compress(_PLAIN)),
+    ("upper case", "GZIP", _gzip(_PLAIN)),
+    ("a list ending in identity", "gzip, identity", _gzip(_PLAIN)),
+]
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"), [c[1:] for c in ENCODED_BODIES], ids=[c[0] for c in ENCODED_BODIES]
+)
+async def test_compressed_bodies_are_refused_with_415(
+    client: TestClient, pg: asyncpg.Connection, coding: str, body: bytes
+) -> None:
+    response = await client.post(
+        "/increment", data=body, headers={**JSON, "Content-Encoding": coding}
+    )
+    assert response.status == 415
+    assert response.content_type == "application/problem+json"
+    assert response.headers["Accept-Encoding"] == "identity"  # RFC 7694
+    assert_problem(await response.json(content_type=None), 415, None)
+    await assert_nothing_changed(client, pg)
+
+
+ROUTES = [
+    ("POST", "/increment"),
+    ("POST", "/api/increment"),
+    ("GET", "/api/counters/a"),
+    ("POST", "/api/users"),
+    ("POST", "/api/sessions"),
+    ("GET", "/api/sessions"),
+    ("DELETE", "/api/sessions"),
+    ("GET", "/api/health"),
+    ("GET", "/health"),
+    ("GET", "/livez"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/metrics"),
+    ("POST", "/no/such/route"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+async def test_every_route_refuses_a_compressed_body(
+    client: TestClient, pg: asyncpg.Connection, method: str, path: str
+) -> None:
+    corrupt = _CRC_BROKEN  # once a 500 on every route that read its body
+    response = await client.request(
+        method, path, data=corrupt, headers={**JSON, "Content-Encoding": "gzip"}
+    )
+    assert response.status == 415
+    assert response.content_type == "application/problem+json"
+    await assert_nothing_changed(client, pg)
+    assert await pg.fetchval("SELECT count(*) FROM users") == 0
+
+
+@pytest.mark.parametrize("coding", ["identity", "Identity", ""])
+async def test_identity_is_no_coding(client: TestClient, coding: str) -> None:
+    response = await client.post(
+        "/increment", data=_PLAIN, headers={**JSON, "Content-Encoding": coding}
+    )
+    assert response.status == 202
+
+
+_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+_NAMES = st.sampled_from(["key", "value", "a", "é", 'q"', "b\\\\"]) | st.text(max_size=4)
+
+
+@st.composite
+def _json_texts(draw: st.DrawFn, depth: int = 2) -> str:
+    """JSON-ish text, duplicate member names and all: what a client may really send."""
+    if depth == 0 or draw(st.booleans()):
+        return json.dumps(draw(_SCALARS))
+    if draw(st.booleans()):
+        items = draw(st.lists(_json_texts(depth - 1), max_size=3))
+        return "[" + ",".join(items) + "]"
+    members = draw(
+        st.lists(st.tuples(_NAMES, _json_texts(depth - 1)), max_size=4).map(
+            lambda pairs: [f"{json.dumps(name)}: {text}" for name, text in pairs]
+        )
+    )
+    return "{" + ", ".join(members) + "}"
+
+
+def _outcome(parse: Any, body: bytes) -> tuple[str, Any]:
+    try:
+        return ("value", parse(body))
+    except MalformedJSON:
+        return ("400", None)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    body=st.one_of(
+        st.binary(max_size=60),
+        _json_texts().map(str.encode),
+        _json_texts().map(lambda text: text.replace("1", "NaN").encode()),
+    )
+)
+def test_the_fast_parser_agrees_with_the_strict_one(body: bytes) -> None:
+    """orjson answers first; whatever it lets through must be what the strict rules give."""
+    assert _outcome(parse_json, body) == _outcome(parse_json_strict, body)

@@ -9,9 +9,9 @@ from aiohttp import web
 
 from . import keys, openapi, sessions, users, views
 from .db import pg_ctx
-from .errors import problem_middleware
-from .logs import AccessLog
-from .metrics import Metrics, metrics_handler, observe_middleware, sampler_ctx
+from .logs import AccessLog, ProtocolErrorLog
+from .metrics import Metrics, metrics_handler, sampler_ctx
+from .middleware import request_middleware
 from .redis_client import redis_ctx
 from .settings import Settings
 from .validation import MAX_BODY_BYTES
@@ -63,13 +63,17 @@ def create_app(settings: Settings) -> web.Application:
         raise ValueError("create_app needs database_url and redis_url (embedded.py fills them)")
     metrics = Metrics()
     log_requests = settings.access_log and logging.getLevelName(settings.log_level) <= logging.INFO
-    access_log = AccessLog(settings.log_format) if log_requests else None
+    access_log = (
+        AccessLog(settings.log_format, sample=settings.access_log) if log_requests else None
+    )
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[
-            observe_middleware(metrics, access_log),
-            problem_middleware,
-        ],
+        handler_args={
+            # Never inflate a request body (see validation.refuse_content_coding).
+            "auto_decompress": False,
+            "logger": ProtocolErrorLog(lambda kind: metrics.protocol_errors.labels(kind).inc()),
+        },
+        middlewares=[request_middleware(metrics, access_log)],
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .logs import setup_logging
 
     setup_logging(settings)
+    soft, hard = raise_fd_limit()
+    log.info("open file limit", extra={"event": "start", "max_fds": soft, "hard_max_fds": hard})
     with embedded.servers(settings) as settings:
         assert settings.database_url is not None
         if args.command == "migrate":
@@ -70,6 +73,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_worker(settings)
             return 0
         return supervise(settings)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one (workers inherit it): every
+    connection is a descriptor, and the usual soft default, 1024, is far below what a replica
+    can serve. Returns the (soft, hard) limits in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # The kernel refuses more than fs.nr_open per process.
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open file limit", extra={"error": str(exc)})
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def run_worker(settings: Settings) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from . import db
 from .db import Connection
 
 
@@ -14,7 +15,11 @@ def dumps(obj: Any) -> str:
 
 
 async def get(conn: Connection, key: str) -> dict[str, Any] | None:
-    row = await conn.fetchrow("SELECT key, value, updated_at FROM counters WHERE key = $1", key)
+    row = await conn.fetchrow(
+        "SELECT key, value, updated_at FROM counters WHERE key = $1",
+        key,
+        timeout=db.REQUEST_TIMEOUT_SECONDS,
+    )
     if row is None:
         return None
     return {

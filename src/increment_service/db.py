@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import logging
 import time
@@ -15,11 +16,27 @@ from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
 from . import keys
+from .errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
 #: What storage functions take: a connection of their own or one lent by the pool.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+#: How long a request waits for a pooled connection, and then for its statement, before it
+#: answers 503 (the pool's command_timeout, 10 s, is for the write-behind).
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+#: Postgres cannot answer now (down, starting, restarting, overloaded, too slow): the request
+#: is fine and may be retried, so these are a 503, never a 500.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # "connection is closed" mid-query
+    asyncpg.OperatorInterventionError,  # shutting down, starting up, statement cancelled
+    asyncpg.InsufficientResourcesError,  # too many connections
+)
 
 #: pg_advisory_lock key held while migrating: replicas starting together migrate one by one.
 MIGRATION_LOCK_KEY = 0x1AC2E3E47
@@ -64,6 +81,18 @@ def migrate_with_retry(database_url: str, timeout: float = 60.0) -> None:
             delay = min(delay * 2, 5.0)
         else:
             return
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Connection]:
+    """A pooled connection for a request; an outage while acquiring or using it is a 503."""
+    try:
+        async with pool.acquire(timeout=REQUEST_TIMEOUT_SECONDS) as conn:
+            yield conn
+    except OUTAGE_ERRORS as exc:
+        raise ServiceUnavailable(
+            f"the {what} is unavailable; retry later", headers={"Retry-After": "1"}
+        ) from exc
 
 
 async def pg_ctx(app: web.Application) -> AsyncIterator[None]:

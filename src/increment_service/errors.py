@@ -1,17 +1,15 @@
-"""Problem details (RFC 9457): every error the service answers, made in one middleware."""
+"""Problem details (RFC 9457): the domain errors, each carrying its status, and their body.
+
+The ground floor: this module imports no other module of the package. ``middleware.py`` turns
+the errors into responses.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
-
-from .writebehind import BackpressureError
-
-log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -97,38 +95,3 @@ def problem_response(
     return web.Response(
         status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON, headers=headers
     )
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# aiohttp's own exceptions carry headers a client needs (Allow on 405); keep those, and drop
-# the ones describing aiohttp's text body.
-_DROPPED_HEADERS = frozenset({"Content-Type", "Content-Length"})
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ProblemError as exc:
-        return problem_response(
-            exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers
-        )
-    except BackpressureError as exc:
-        return problem_response(
-            503,
-            "Service Unavailable",
-            f"{exc}; retry later",
-            slug="backpressure",
-            headers={"Retry-After": str(exc.retry_after)},
-        )
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k not in _DROPPED_HEADERS}
-        detail = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
-        return problem_response(exc.status, exc.reason, detail, headers=headers)
-    except Exception:
-        # A bug. The client gets a problem, never a stack trace; the log gets the trace.
-        log.exception("unhandled error", extra={"event": "error", "path": request.path[:256]})
-        return problem_response(500, "Internal Server Error", "the server failed unexpectedly")

@@ -1,19 +1,27 @@
-"""Prometheus metrics (names are part of the contract), the request middleware, /metrics.
+"""Prometheus metrics (names are part of the contract), /metrics, and the sampler.
+
+Two kinds of metric, by who updates them. What a request counts (its latency, increments,
+session lookups, logins, refusals) is counted in plain numbers of the process
+(``localmetrics.py``): no lock, no shared file on the request path. What background tasks set
+(the flusher, the sampler) goes through prometheus_client.
 
 With ``WORKERS>1`` every worker writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR``
 (set, and wiped, by the supervisor before the workers start) and ``/metrics`` on any worker
-aggregates all of them, so a scrape through the shared port sees the whole replica set.
+aggregates all of them, so a scrape through the shared port sees the whole replica set; the
+request-path numbers of the other workers are at most half a second old there (the sampler
+writes them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import errno
+import logging
 import os
-import secrets
+import resource
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import (
@@ -27,15 +35,15 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import keys
-from .logs import AccessLog
+from .localmetrics import LocalCollector, LocalCounter, LocalHistogram, write_snapshot
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 _FLUSH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FLUSH_KEYS_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_UNMATCHED = "unmatched"
 
 
 def multiprocess_dir() -> str | None:
@@ -48,20 +56,45 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Histogram(
+        # -- counted by requests, in plain numbers of this process --
+        self.requests = LocalHistogram(
             "http_request_duration_seconds",
             "HTTP request duration by method, route template and status code.",
             ["method", "route", "status_code"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
+        self.increments = LocalCounter("increments", "Increments acknowledged with 202.")
+        self.backpressure_rejections = LocalCounter(
+            "increment_backpressure_rejections",
+            "Increments to new keys refused with 503 because MAX_PENDING_KEYS was reached.",
+        )
+        self.protocol_errors = LocalCounter(
+            "http_protocol_errors",
+            "Requests aiohttp could not parse and refused before any handler (by error kind).",
+            ["error"],
+        )
+        self.logins = LocalCounter("session_logins", "Login attempts by outcome.", ["outcome"])
+        self.session_cache = LocalCounter(
+            "session_cache_lookups",
+            "Session lookups answered by the local cache (hit) or by Redis (miss).",
+            ["result"],
+        )
+        self.local = (
+            self.requests,
+            self.increments,
+            self.backpressure_rejections,
+            self.protocol_errors,
+            self.logins,
+            self.session_cache,
+        )
+        r.register(LocalCollector(self.local))
+        # -- set by background tasks, through prometheus_client --
         self.in_flight = Gauge(
             "http_requests_in_flight",
             "Requests being handled, sampled twice a second.",
             multiprocess_mode="livesum",
             registry=r,
         )
-        self.increments = Counter("increments", "Increments acknowledged with 202.", registry=r)
         self.flush_duration = Histogram(
             "increment_flush_duration_seconds",
             "Time to apply one batch to Postgres.",
@@ -91,11 +124,6 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
-        self.backpressure_rejections = Counter(
-            "increment_backpressure_rejections",
-            "Increments to new keys refused with 503 because MAX_PENDING_KEYS was reached.",
-            registry=r,
-        )
         self.overflow_rejected = Counter(
             "increment_overflow_rejected",
             "Per-key deltas rejected at flush because the total would leave the bigint range.",
@@ -107,13 +135,18 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
-        self.logins = Counter(
-            "session_logins", "Login attempts by outcome.", ["outcome"], registry=r
+        # The process collector of prometheus_client does not work with WORKERS > 1, so each
+        # worker samples its own (liveall: one series per live worker, labelled with its pid).
+        self.open_fds = Gauge(
+            "process_open_fds",
+            "Open file descriptors of the worker, sampled twice a second.",
+            multiprocess_mode="liveall",
+            registry=r,
         )
-        self.session_cache = Counter(
-            "session_cache_lookups",
-            "Session lookups answered by the local cache (hit) or by Redis (miss).",
-            ["result"],
+        self.max_fds = Gauge(
+            "process_max_fds",
+            "The worker's limit on open file descriptors (RLIMIT_NOFILE, soft).",
+            multiprocess_mode="liveall",
             registry=r,
         )
         # Every known label value from the start: a series that appears only at its first
@@ -122,16 +155,9 @@ class Metrics:
             self.logins.labels(outcome)
         for result in ("hit", "miss"):
             self.session_cache.labels(result)
+        for kind in ("BadHttpMessage", "BadStatusLine", "LineTooLong", "InvalidHeader"):
+            self.protocol_errors.labels(kind)
         self.requests_in_flight = 0  # sampled into `in_flight` by sampler_ctx
-        # .labels() parses and hashes its arguments on every call; the label sets are few.
-        self._request_children: dict[tuple[str, str, int], Histogram] = {}
-
-    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        child = self._request_children.get((method, route, status))
-        if child is None:
-            child = self.requests.labels(method, route, str(status))
-            self._request_children[(method, route, status)] = child
-        child.observe(seconds)
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()
@@ -139,73 +165,15 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]  # unannotated upstream
+        registry.register(LocalCollector(self.local, directory))
         return generate_latest(registry)
 
-
-def route_label(request: web.Request) -> str:
-    """The route template, never the raw path: label cardinality stays bounded."""
-    resource = request.match_info.route.resource
-    return _UNMATCHED if resource is None else resource.canonical
-
-
-class RequestIds:
-    """Ids for requests that come without one: unique, not secret. A random prefix per
-    process and a counter cost no system call per request, unlike uuid4."""
-
-    def __init__(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._next = itertools.count(1)
-
-    def __call__(self, request: web.Request) -> str:
-        given = request.headers.get("X-Request-ID", "")
-        # Keep a caller's id only if it is short and printable; it ends up in every log line.
-        if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
-            return given
-        return f"{self._prefix}{next(self._next):08x}"
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def observe_middleware(
-    metrics: Metrics, access_log: AccessLog | None
-) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Times every request, counts it in flight, tags it with a request id and logs it."""
-    request_id = RequestIds()
-
-    @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        rid = request_id(request)
-        # A plain count, sampled into the gauge: with WORKERS>1 every gauge update is a locked
-        # write to a shared file, twice per request.
-        metrics.requests_in_flight += 1
-        status = 500  # what the client sees if the handler is cancelled mid-way
-        try:
-            response = await handler(request)
-            status = response.status
-            response.headers["X-Request-ID"] = rid
-            return response
-        finally:
-            metrics.requests_in_flight -= 1
-            duration = time.perf_counter() - started
-            method = request.method if request.method in _METHODS else "OTHER"
-            route = route_label(request)
-            metrics.observe_request(method, route, status, duration)
-            if access_log is not None:
-                access_log.write(
-                    {
-                        "event": "request",
-                        "method": method,
-                        "route": route,
-                        "path": request.path[:256],
-                        "status": status,
-                        "duration": round(duration, 6),
-                        "request_id": rid,
-                    }
-                )
-
-    return observe
+    def publish(self) -> None:
+        """With several workers, write this worker's request-path numbers where the others'
+        scrapes read them (the sampler calls this twice a second, and at shutdown)."""
+        directory = multiprocess_dir()
+        if directory is not None:
+            write_snapshot(self.local, directory, os.getpid())
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -213,11 +181,63 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def open_fds() -> int | None:
+    """How many file descriptors this process has open (Linux), or None where it cannot tell.
+
+    Listing /proc/self/fd takes a descriptor itself: when none is left, that is the answer."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one the listing held
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return fd_limit()
+        raise
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class FdWatch:
+    """Samples open descriptors into the gauges and says once when they run out.
+
+    When they do, the event loop cannot accept connections, and uvloop (libuv) resets them
+    without a word; this is the only sign of it in the log. It speaks again after the count
+    has dropped below 90 % of the limit."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.exhausted = False
+
+    def sample(self) -> None:
+        used, limit = open_fds(), fd_limit()
+        if used is None:
+            return
+        self.metrics.open_fds.set(used)
+        self.metrics.max_fds.set(limit)
+        if not self.exhausted and used + 1 >= limit:
+            self.exhausted = True
+            log.error(
+                "out of file descriptors: new connections are being refused",
+                extra={"event": "fd-exhausted", "open_fds": used, "max_fds": limit},
+            )
+        elif self.exhausted and used < 0.9 * limit:
+            self.exhausted = False
+            log.warning(
+                "file descriptors available again",
+                extra={"event": "fd-recovered", "open_fds": used, "max_fds": limit},
+            )
+
+
 async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
     """Twice a second: how late the event loop wakes up (the cost every request pays for a
-    busy loop), how many requests are in flight, and the access log's lines out to stdout."""
+    busy loop), how many requests are in flight, open file descriptors, and the access log's
+    lines out to stdout."""
     metrics = app[keys.METRICS]
     access_log = app.get(keys.ACCESS_LOG)
+    fds = FdWatch(metrics)
+    fds.sample()
     interval = 0.5
 
     async def sample() -> None:
@@ -226,6 +246,8 @@ async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(interval)
             metrics.loop_lag.set(max(0.0, time.perf_counter() - before - interval))
             metrics.in_flight.set(metrics.requests_in_flight)
+            metrics.publish()
+            fds.sample()
             if access_log is not None:
                 access_log.flush()
 
@@ -234,5 +256,6 @@ async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    metrics.publish()  # requests have drained: the final numbers
     if access_log is not None:
         access_log.flush()

@@ -36,7 +36,9 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     log_level: str = "INFO"
     log_format: str = "json"
-    access_log: bool = True
+    # Log one successful request in N (every other request always); 0 logs none. ACCESS_LOG is
+    # true (1), false (0) or sample:N.
+    access_log: int = 1
     shutdown_timeout_seconds: float = 15.0
     auto_migrate: bool = True
     replica_id: str = dataclasses.field(default_factory=socket.gethostname)
@@ -66,6 +68,7 @@ class Settings:
                 "must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
             ),
             ("LOG_FORMAT", self.log_format in ("json", "console"), "must be json or console"),
+            ("ACCESS_LOG", self.access_log >= 0, "must be true, false or sample:N"),
             ("SHUTDOWN_TIMEOUT_SECONDS", self.shutdown_timeout_seconds > 0, "must be > 0"),
             ("REPLICA_ID", 0 < len(self.replica_id) <= 100, "must be 1 to 100 characters"),
         ]
@@ -106,7 +109,7 @@ class Settings:
         read("TRUSTED_PROXIES", _networks)
         read("LOG_LEVEL", str.upper)
         read("LOG_FORMAT", str.lower)
-        read("ACCESS_LOG", _bool)
+        read("ACCESS_LOG", _access_log)
         read("SHUTDOWN_TIMEOUT_SECONDS", _finite_float)
         read("AUTO_MIGRATE", _bool)
         read("REPLICA_ID", str)
@@ -123,6 +126,16 @@ def _bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+def _access_log(raw: str) -> int:
+    """``true``/``false`` or ``sample:N``: log one request in N (0: none)."""
+    kind, sep, every = raw.partition(":")
+    if sep:
+        if kind.lower() != "sample" or not every.isdigit() or int(every) < 1:
+            raise ValueError(raw)
+        return int(every)
+    return 1 if _bool(raw) else 0
 
 
 def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from . import keys
-from .metrics import route_label
+from .middleware import route_label
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

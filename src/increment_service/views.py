@@ -7,9 +7,9 @@ import logging
 
 from aiohttp import web
 
-from . import counters, keys
+from . import counters, db, keys
 from .errors import NotFound
-from .validation import MAX_KEY_CHARS, read_increment
+from .validation import is_key, read_increment
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ async def increment(request: web.Request) -> web.Response:
 
 async def get_counter(request: web.Request) -> web.Response:
     key = request.match_info["key"]
-    if not 1 <= len(key) <= MAX_KEY_CHARS:
+    if not is_key(key):  # a NUL, say: no counter can have it, and Postgres text cannot hold it
         raise NotFound("no counter has that key")
-    async with request.app[keys.PG_POOL].acquire(timeout=5) as conn:
+    async with db.connection(request.app[keys.PG_POOL], "counter database") as conn:
         counter = await counters.get(conn, key)
     if counter is None:
         raise NotFound("no counter with that key has been persisted")
