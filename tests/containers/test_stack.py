@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 
@@ -19,6 +20,7 @@ import pytest
 from tests.containers.conftest import COMPOSE_VARIABLES
 from tests.containers.docker import ComposeStack, container_ip, docker, inspect
 from tests.support import (
+    REPO_ROOT,
     LbTraffic,
     counter_via_api,
     http_get,
@@ -37,13 +39,26 @@ from tests.test_topology import (
 pytestmark = pytest.mark.timeout(300)
 
 REPLICAS = 3
+NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
 FLUSH_INTERVAL = float(COMPOSE_VARIABLES["FLUSH_INTERVAL_SECONDS"])
+
+
+def nginx_resolver_valid_seconds() -> int:
+    """How long nginx keeps the addresses of `app` (`resolver ... valid=5s`)."""
+    found = re.search(r"resolver [^;]*valid=(\d+)s", NGINX_CONF.read_text())
+    assert found, f"no resolver valid= in {NGINX_CONF}"
+    return int(found[1])
 
 
 @pytest.fixture
 async def restored(stack: ComposeStack) -> ComposeStack:
     """The stack with three healthy replicas and no counters, whatever the last test did."""
+    before = set(replica_ips(stack).values())
     await asyncio.to_thread(stack.up, "--scale", f"app={REPLICAS}")
+    if before - set(replica_ips(stack).values()):
+        # Replicas were removed (scaled down): nginx keeps sending to their addresses until it
+        # resolves `app` again, and a request that meets two of them is answered 502.
+        await asyncio.sleep(nginx_resolver_valid_seconds() + 1)
     await _truncate(stack.database_url)
     return stack
 
