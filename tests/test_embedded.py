@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from increment_service import embedded
 from tests.conftest import embedded_base
 from tests.support import ServiceProcess, counter_via_api, signed_in
 
@@ -132,3 +134,56 @@ async def test_embedded_service_as_pid_1_stops_its_servers_and_exits_on_sigterm(
     finally:
         assert again.stop() == 0
         shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+# --- the stop helpers, on real processes ------------------------------------------------------
+
+
+def test_wait_for_exit_reaps_its_children_and_waits_for_others() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not embedded.exited(child.pid)
+        assert embedded.wait_for_exit(child.pid, 0.2) is False, "still running: times out"
+        child.kill()
+        assert embedded.wait_for_exit(child.pid, 10) is True
+        assert embedded.exited(child.pid), "reaped by wait_for_exit: gone"
+    finally:
+        child.kill()
+    # Not a child of this process: an orphan (its parent, the shell, has exited).
+    shell = subprocess.run(
+        ["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], capture_output=True, check=True
+    )
+    orphan = int(shell.stdout)
+    try:
+        assert not embedded.exited(orphan)
+        os.kill(orphan, signal.SIGKILL)
+        assert embedded.wait_for_exit(orphan, 10) is True
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+
+
+def test_embedded_redis_that_cannot_start_says_why(tmp_path: Path) -> None:
+    (tmp_path / "redis.rdb").write_bytes(b"not an RDB file")
+    with pytest.raises(RuntimeError, match="exited at start") as failure:
+        embedded.EmbeddedRedis(tmp_path).start()
+    assert "Wrong signature trying to load DB" in str(failure.value), "the log tail is in it"
+
+
+def test_embedded_redis_that_cannot_save_is_stopped_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis whose SHUTDOWN SAVE fails refuses to stop, by command and by SIGTERM alike (Redis
+    6.2 keeps running rather than lose data); the last resort is SIGKILL, to that process."""
+    monkeypatch.setattr(embedded, "STOP_TIMEOUT_SECONDS", 0.5)
+    server = embedded.EmbeddedRedis(tmp_path).start()
+    process = server.process
+    assert process is not None
+    (tmp_path / "redis.rdb").mkdir()  # the save's final rename fails onto a directory
+    with caplog.at_level("WARNING", logger="increment_service.embedded"):
+        server.stop()
+    assert process.returncode == -signal.SIGKILL
+    messages = [r.getMessage() for r in caplog.records]
+    assert "embedded Redis refused SHUTDOWN SAVE" in messages
+    assert messages.count("embedded Redis did not exit; signalling it") == 2
+    assert not server.runtime.exists()
