@@ -71,6 +71,7 @@ async def test_embedded_default_starts_persists_stops_and_keeps_its_data(
             third.stop()
     finally:
         second.stop()
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
     assert value == 8, "the first run's increment survived the restart"
 
 
