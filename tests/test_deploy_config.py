@@ -564,7 +564,9 @@ def test_dockerfile_runtime_stage() -> None:
     assert "/opt/venv/bin" in env
     assert by_name["EXPOSE"] == ["3333"]
     assert by_name["STOPSIGNAL"] == ["SIGTERM"]
-    assert _exec_form(by_name["ENTRYPOINT"][-1]) == ["increment-service"]
+    # tini as PID 1 reaps orphans (the embedded Postgres) and passes SIGTERM on.
+    assert _exec_form(by_name["ENTRYPOINT"][-1]) == ["tini", "--", "increment-service"]
+    assert any(copy.split()[-1] == "/usr/bin/tini" for copy in by_name["COPY"])
     assert _exec_form(by_name["CMD"][-1]) == ["serve"]
     assert len(by_name["HEALTHCHECK"]) == 1
     assert "/api/health" in by_name["HEALTHCHECK"][0]

@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,13 @@ NGINX_DIR = REPO_ROOT / "deploy" / "nginx"
 NGINX_COMPOSE = NGINX_DIR / "nginx.conf"
 NGINX_NATIVE_TEMPLATE = NGINX_DIR / "native.conf.template"
 NGINX_RENDER_SCRIPT = NGINX_DIR / "render_native.py"
+
+
+def last_upstream(entry: Mapping[str, Any]) -> str:
+    """The address ("host:port") of the replica that gave nginx's final answer in one entry of
+    the JSON access log of deploy/nginx: `$upstream_addr` lists every replica tried, ', '
+    between tries; "" when nginx answered by itself."""
+    return str(entry.get("upstream_addr", "")).replace(" : ", ", ").split(", ")[-1]
 
 
 def render_native_nginx(prefix: Path, listen_port: int, upstream_ports: Sequence[int]) -> str:
@@ -125,8 +132,7 @@ class NginxProcess:
         nginx tried: `$upstream_addr` lists every try, ', ' between tries)."""
         answered: dict[str, int] = {}
         for entry in self.access_log():
-            tried = str(entry.get("upstream_addr", "")).replace(" : ", ", ").split(", ")
-            last = tried[-1].rsplit(":", 1) if tried and tried[-1] else []
+            last = last_upstream(entry).rsplit(":", 1)
             if len(last) == 2 and last[1].isdigit():
                 answered[str(entry["request_id"])] = int(last[1])
         return answered
