@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -143,3 +144,17 @@ def cluster() -> Iterator[PgCluster]:
             own.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def replica(aiohttp_client, settings: Settings) -> Any:  # type: ignore[no-untyped-def]
+    """Makes replicas (apps) of the test database whose timer never flushes during a test
+    (9 s): the test flushes by hand, and only durable groups commit by themselves.
+    ``replica(**changes)`` overrides settings."""
+
+    async def make(**changes: Any) -> TestClient:
+        app = create_app(dataclasses.replace(settings, flush_interval_seconds=9, **changes))
+        client: TestClient = await aiohttp_client(app)
+        return client
+
+    return make

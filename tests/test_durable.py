@@ -43,18 +43,6 @@ async def problem_type(response: aiohttp.ClientResponse) -> str:
     return str(body["type"]).rsplit(":", 1)[-1]
 
 
-@pytest.fixture
-async def replica(aiohttp_client: Any, settings: Settings) -> Any:
-    """Replicas whose timer never flushes during a test: only durable groups commit."""
-
-    async def make(**changes: Any) -> Client:
-        app = create_app(dataclasses.replace(settings, flush_interval_seconds=9, **changes))
-        client: Client = await aiohttp_client(app)
-        return client
-
-    return make
-
-
 async def test_a_durable_increment_is_committed_when_answered(
     replica: Any, pg: asyncpg.Connection
 ) -> None:

@@ -7,7 +7,6 @@ Every test runs against real Postgres (and Redis for the session routes). A seco
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -18,8 +17,6 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from increment_service import keys
-from increment_service.app import create_app
-from increment_service.settings import Settings
 from increment_service.validation import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
 from increment_service.writebehind import Batch, Keyed, apply_batch
 from tests.support.net import JSON
@@ -46,18 +43,6 @@ async def metric(client: Client, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     raise AssertionError(f"no {sample} in /metrics")
-
-
-@pytest.fixture
-async def replica(aiohttp_client: Any, settings: Settings) -> Any:
-    """Makes replicas of one database (slow timer: the tests flush by hand)."""
-
-    async def make(**changes: Any) -> Client:
-        app = create_app(dataclasses.replace(settings, flush_interval_seconds=9, **changes))
-        client: Client = await aiohttp_client(app)
-        return client
-
-    return make
 
 
 # --- batches --------------------------------------------------------------------------------
