@@ -351,3 +351,34 @@ async def test_a_key_from_the_previous_bucket_is_still_recorded(
     assert second.claimed == set()
     assert second.recorded_before == {0: request.fingerprint}
     assert await counters(pg) == {"b": 1}
+
+
+async def test_a_key_claimed_meanwhile_by_another_statement_is_classified_by_its_body(
+    pg: asyncpg.Connection, database_url: str, clean: None
+) -> None:
+    """Another replica's statement holds the key, uncommitted: this one waits on the unique
+    index, and when that commits, finds the key taken, with a record its own snapshot cannot
+    see. A query of its own then reads which body the key was used for."""
+    other = await asyncpg.connect(database_url)
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute(
+            "INSERT INTO idempotency_keys"
+            " SELECT b % 4, 'open', 'race', b, $1, now()"
+            " FROM (SELECT floor(extract(epoch FROM now()) / 3600)::bigint AS b) AS t",
+            b"x" * 16,
+        )
+        mine = Keyed("open", "race", b"y" * 16, (("r", 1),))
+        applying = asyncio.ensure_future(
+            apply_batch(pg, Batch("r", 1, [], [], 0.0, keyed=(mine,)), 10, grace=0)
+        )
+        await asyncio.sleep(0.3)
+        assert not applying.done(), "it waits for the other statement"
+        await transaction.commit()
+        applied = await applying
+    finally:
+        await other.close()
+    assert applied.claimed == set()
+    assert applied.recorded_before == {0: b"x" * 16}, "another body: a conflict, not a replay"
+    assert await counters(pg) == {}

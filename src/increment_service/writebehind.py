@@ -511,6 +511,14 @@ _BUCKET_SQL = """
 SELECT b AS bucket, (b + 1) * $1 - extract(epoch FROM clock_timestamp()) AS left
 FROM (SELECT floor(extract(epoch FROM clock_timestamp()) / $1)::bigint AS b) AS t
 """
+# The newest record of each key (its fingerprint), whatever its bucket: only asked about keys a
+# statement just failed to claim, so a record it finds is within the last two buckets.
+_RECORDED_SQL = """
+SELECT DISTINCT ON (k.scope, k.key) k.scope, k.key, k.fingerprint
+FROM unnest($1::text[], $2::text[]) AS r (scope, key)
+JOIN idempotency_keys AS k ON k.scope = r.scope AND k.key = r.key
+ORDER BY k.scope, k.key, k.bucket DESC
+"""
 _REJECTED_BEFORE_SQL = "SELECT keys FROM batch_rejections WHERE replica_id = $1 AND seq = $2"
 
 
@@ -580,12 +588,23 @@ async def apply_batch(
         rejected = list(before or [])
     if not batch.keyed:
         return Applied(fresh=row["fresh"], rejected=rejected)
-    return Applied(
-        fresh=row["fresh"],
-        rejected=rejected,
-        claimed=frozenset(n - 1 for n in row["claimed"]),
-        recorded_before={n - 1: bytes(fingerprint) for n, fingerprint in row["recorded_before"]},
-    )
+    claimed = frozenset(n - 1 for n in row["claimed"])
+    recorded = {n - 1: bytes(fingerprint) for n, fingerprint in row["recorded_before"]}
+    unseen = [n for n in range(len(batch.keyed)) if n not in claimed and n not in recorded]
+    if unseen:
+        # Claimed by a statement that committed while this one ran: invisible to it, visible
+        # to a query of its own (rare: the same key on two replicas at the same moment).
+        rows = await conn.fetch(
+            _RECORDED_SQL,
+            [batch.keyed[n].scope for n in unseen],
+            [batch.keyed[n].key for n in unseen],
+            timeout=statement_timeout,
+        )
+        found = {(r["scope"], r["key"]): bytes(r["fingerprint"]) for r in rows}
+        for n in unseen:
+            if batch.keyed[n].ident in found:
+                recorded[n] = found[batch.keyed[n].ident]
+    return Applied(row["fresh"], rejected, claimed, recorded)
 
 
 class WriteBehind:
