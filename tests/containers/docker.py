@@ -81,9 +81,15 @@ def inspect(container: str) -> dict[str, Any]:
     return data[0]
 
 
-def container_ip(container: str) -> str:
+def container_ip(container: str, network: str) -> str:
+    """The container's address on the compose network ``network`` (``proxy``: where nginx
+    reaches the replicas; ``default``: where Prometheus scrapes them)."""
     networks = inspect(container)["NetworkSettings"]["Networks"]
-    (address,) = {n["IPAddress"] for n in networks.values() if n["IPAddress"]}
+    (address,) = {
+        n["IPAddress"]
+        for name, n in networks.items()
+        if n["IPAddress"] and name.endswith(f"_{network}")
+    }
     return str(address)
 
 

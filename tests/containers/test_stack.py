@@ -68,9 +68,10 @@ async def _truncate(database_url: str) -> None:
         await conn.close()
 
 
-def replica_ips(stack: ComposeStack) -> dict[str, str]:
-    """container id -> address on the compose network, for every running `app` replica."""
-    return {c: container_ip(c) for c in stack.containers("app")}
+def replica_ips(stack: ComposeStack, network: str = "proxy") -> dict[str, str]:
+    """container id -> address on a compose network (``proxy``, nginx's, by default), for
+    every running `app` replica."""
+    return {c: container_ip(c, network) for c in stack.containers("app")}
 
 
 def answered_by(stack: ComposeStack, traffic: Traffic) -> Counter[str]:
@@ -123,7 +124,7 @@ async def test_sustained_load_through_nginx_is_persisted_exactly(restored: Compo
 
 async def test_prometheus_scrapes_every_replica(restored: ComposeStack) -> None:
     stack = restored
-    ips = set(replica_ips(stack).values())
+    ips = set(replica_ips(stack, "default").values())  # where Prometheus scrapes them
     async with Traffic(stack.lb_url, lambda n: (f"prom-{n % 10}", 1)) as traffic:
         await traffic.wait_for_acks(300, within=30)
 
@@ -179,7 +180,7 @@ async def test_docker_kill_of_a_replica_never_over_counts_and_the_others_lose_no
 ) -> None:
     stack = restored
     victim = stack.containers("app")[2]
-    victim_ip = container_ip(victim)
+    victim_ip = container_ip(victim, "proxy")
     # A distinct key per request, value 1: a persisted key is exactly one increment.
     async with Traffic(stack.lb_url, lambda n: (f"kill-{n:07d}", 1)) as traffic:
         await traffic.wait_for_acks(1500, within=30)
@@ -238,8 +239,11 @@ async def test_scaling_to_five_replicas_gets_them_traffic_without_a_reload(
     assert got == dict(traffic.acknowledged())
     assert inspect(lb)["State"]["StartedAt"] == lb_started, "the load balancer was restarted"
     assert nginx_workers(lb) == lb_workers, "nginx was reloaded (a reload replaces the workers)"
+    scraped = set(replica_ips(stack, "default").values())
     await eventually(
-        lambda: scrape_targets(stack) == dict.fromkeys(ips, "up"), "Prometheus scrapes all five", 40
+        lambda: scrape_targets(stack) == dict.fromkeys(scraped, "up"),
+        "Prometheus scrapes all five",
+        40,
     )
 
 
