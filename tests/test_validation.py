@@ -329,3 +329,47 @@ def _outcome(parse: Any, body: bytes) -> tuple[str, Any]:
 def test_the_fast_parser_agrees_with_the_strict_one(body: bytes) -> None:
     """orjson answers first; whatever it lets through must be what the strict rules give."""
     assert _outcome(parse_json, body) == _outcome(parse_json_strict, body)
+
+
+_BATCH_NAMES = st.sampled_from(["increments", "key", "value"])
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["increments", "key", "value"]), inner, max_size=3
+                )
+            ),
+            max_leaves=12,
+        ).map(lambda v: json.dumps({"increments": v} if isinstance(v, list) else v).encode()),
+    ),
+    # What a client can put in a header: no control characters (aiohttp's client refuses them).
+    idempotency_key=st.none()
+    | st.text(
+        st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_categories=("Cc",)),
+        max_size=300,
+    ),
+    prefer=st.none() | st.sampled_from(["durable", "DURABLE; x=1", "respond-async", ",,", ""]),
+)
+async def test_no_batch_or_header_produces_a_500(
+    client: TestClient, body: bytes, idempotency_key: str | None, prefer: str | None
+) -> None:
+    headers = dict(JSON)
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    if prefer is not None:
+        headers["Prefer"] = prefer
+    response = await client.post("/increments", data=body, headers=headers)
+    assert response.status in (200, 202, 204, 400, 409, 413, 422, 503)
+    if response.status >= 400:
+        assert response.content_type == "application/problem+json"
