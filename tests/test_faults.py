@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 from increment_service import keys
 from increment_service.app import create_app
 from increment_service.settings import Settings
-from increment_service.writebehind import WriteBehind
+from increment_service.writebehind import APPLY_BATCH_SQL, WriteBehind
 from tests.support.load import Traffic
 from tests.support.logs import json_log_lines
 from tests.support.metrics import metric_value
@@ -204,9 +204,13 @@ class Proxied:
 
     async def warm_up(self) -> None:
         """Flush a first batch: it opens the pooled connection and prepares the statement, so
-        the next flush is a single request on that connection (the one the proxy cuts)."""
+        the next flush is a single request on that connection (the one the proxy cuts). The
+        statement a batch with rejections or wide deltas takes is prepared too (an empty
+        batch of its own id)."""
         await increment(self.client, "warm", 1)
         assert await self.write_behind.flush()
+        async with self.write_behind.pool.acquire() as conn:
+            await conn.fetchrow(APPLY_BATCH_SQL, "warm-up", 1, "", "", [], [])
 
     async def flush_with_the_answer_cut(self) -> None:
         """Flush once through the armed proxy: the server commits, the client's line dies."""

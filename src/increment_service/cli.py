@@ -95,11 +95,13 @@ def raise_fd_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def run_worker(settings: Settings) -> None:
-    """Serve one replica in this process until SIGTERM/SIGINT, then shut down gracefully."""
+def run_worker(settings: Settings, worker: int = 0) -> None:
+    """Serve one replica in this process until SIGTERM/SIGINT, then shut down gracefully.
+    ``worker`` (0 to WORKERS - 1) staggers its flushes behind the other workers'."""
     import uvloop
     from aiohttp import web
 
+    from . import keys
     from .app import create_app
     from .logs import setup_logging
 
@@ -108,8 +110,10 @@ def run_worker(settings: Settings) -> None:
         "worker listening",
         extra={"event": "start", "host": settings.host, "port": settings.port, "pid": os.getpid()},
     )
+    app = create_app(settings)
+    app[keys.FLUSH_OFFSET] = settings.flush_interval_seconds * worker / settings.workers
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         reuse_port=settings.workers > 1,
@@ -136,7 +140,7 @@ def supervise(settings: Settings) -> int:
     directory = _prepare_multiprocess_dir()
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=run_worker, args=(settings,), name=f"worker-{n}")
+        context.Process(target=run_worker, args=(settings, n), name=f"worker-{n}")
         for n in range(settings.workers)
     ]
     for worker in workers:

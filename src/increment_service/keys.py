@@ -32,5 +32,10 @@ TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")
 #: Only set when requests are logged (ACCESS_LOG, and LOG_LEVEL at INFO or below).
 ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
 
+#: Set by the command for each of WORKERS workers (worker n of N: n/N of an interval): workers
+#: that flush at the same moment wait on each other's row locks (their keys overlap); staggered,
+#: each flush runs alone.
+FLUSH_OFFSET = web.AppKey("flush_offset", float)
+
 #: Set by the session guard on the requests it let through: whose session it is.
 SESSION: web.RequestKey[SessionInfo] = web.RequestKey("session")

@@ -388,8 +388,33 @@ WITH fresh AS (
     RETURNING 1
 )"""
 
-# The default path: summed deltas only ($3 keys joined by KEY_SEPARATOR, $4 deltas joined by
-# commas; $5/$6 the wide ones as arrays).
+# The default path, as a batch almost always is (summed deltas that fit a bigint, no keyed
+# requests): the batch id and one additive UPSERT, nothing returned but the row count ("INSERT
+# 0 n": n is the number of keys, or 0 if a retry found the id recorded). A total that would
+# leave bigint makes it fail whole (numeric_value_out_of_range), and the batch goes again as
+# APPLY_BATCH_SQL, which says which keys were refused. Returning nothing saves the UPSERT a
+# row per key to hand back: 13 % of a 100k-key batch, measured.
+APPLY_PLAIN_BATCH_SQL = """
+WITH fresh AS (
+    INSERT INTO applied_batches (replica_id, seq, applied_at)
+    VALUES ($1, $2, now())
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+INSERT INTO counters AS c (key, value, updated_at)
+SELECT d.key, d.delta, now()
+FROM unnest(
+    string_to_array($3::text, E'\\x1f'), string_to_array($4::text, ',')::bigint[]
+) AS d (key, delta)
+WHERE EXISTS (SELECT FROM fresh)
+-- One order for every replica, as in _APPLY.
+ORDER BY d.key COLLATE "C"
+ON CONFLICT (key) DO UPDATE
+    SET value = c.value + excluded.value, updated_at = excluded.updated_at
+"""
+
+# Summed deltas, with which keys were rejected ($3 keys joined by KEY_SEPARATOR, $4 deltas
+# joined by commas; $5/$6 the wide ones as arrays).
 APPLY_BATCH_SQL = (
     _RECORD_BATCH  # noqa: S608 -- this module's constant strings, no input
     + """, delta AS (
@@ -540,6 +565,15 @@ def _joined(items: Iterable[tuple[str, int]]) -> tuple[str, str]:
     )
 
 
+async def _rejected_before(conn: Connection, batch: Batch, statement_timeout: float) -> list[str]:
+    """A retry of a batch applied before: what it rejected then, if anything (a query of its
+    own: the retry's snapshot may predate that commit)."""
+    before = await conn.fetchval(
+        _REJECTED_BEFORE_SQL, batch.replica_id, batch.seq, timeout=statement_timeout
+    )
+    return list(before or [])
+
+
 async def apply_batch(
     conn: Connection,
     batch: Batch,
@@ -558,6 +592,17 @@ async def apply_batch(
         list(batch.wide),
         list(batch.wide.values()),
     )
+    if not batch.keyed and not batch.wide:
+        try:
+            status = await conn.execute(APPLY_PLAIN_BATCH_SQL, *head[:4], timeout=statement_timeout)
+        except asyncpg.NumericValueOutOfRangeError:
+            pass  # a total would leave bigint: nothing was applied; the next one says which
+        else:
+            if int(status.rsplit(" ", 1)[1]) > 0:
+                return Applied(fresh=True, rejected=[])
+            return Applied(
+                fresh=False, rejected=await _rejected_before(conn, batch, statement_timeout)
+            )
     if not batch.keyed:
         row = await conn.fetchrow(APPLY_BATCH_SQL, *head, timeout=statement_timeout)
     else:
@@ -580,12 +625,7 @@ async def apply_batch(
     assert row is not None  # the outer SELECT always returns exactly one row
     rejected = list(row["rejected"])
     if not row["fresh"]:
-        # A retry of a batch applied before: what it rejected then, if anything (a query of
-        # its own: this statement's snapshot may predate that commit).
-        before = await conn.fetchval(
-            _REJECTED_BEFORE_SQL, batch.replica_id, batch.seq, timeout=statement_timeout
-        )
-        rejected = list(before or [])
+        rejected = await _rejected_before(conn, batch, statement_timeout)
     if not batch.keyed:
         return Applied(fresh=row["fresh"], rejected=rejected)
     claimed = frozenset(n - 1 for n in row["claimed"])
@@ -680,9 +720,13 @@ class WriteBehind:
             self.metrics.idempotency_conflicts.labels("request").inc()
         return outcome
 
-    def start(self) -> None:
+    def start(self, offset: float = 0.0) -> None:
+        """Start the loops; the first flush comes ``offset`` seconds later than an interval
+        (workers of one process stagger their flushes, see cli.run_worker)."""
         self._tasks = [
-            asyncio.create_task(self._run(), name="write-behind flusher"),
+            asyncio.create_task(
+                self._run(self.flush_interval + offset), name="write-behind flusher"
+            ),
             asyncio.create_task(self._observe_often(), name="write-behind gauges"),
         ]
         self._committer = asyncio.create_task(self._commit_groups(), name="durable committer")
@@ -847,8 +891,7 @@ class WriteBehind:
             else:
                 waiting.answer.set_result(DurableAnswer(outcome))
 
-    async def _run(self) -> None:
-        delay = self.flush_interval
+    async def _run(self, delay: float) -> None:
         while True:
             await asyncio.sleep(delay)
             started = time.monotonic()
@@ -1083,7 +1126,7 @@ async def write_behind_ctx(app: web.Application) -> AsyncIterator[None]:
         tracer=provider.get_tracer(TRACER_NAME) if provider is not None else None,
     )
     app[keys.WRITE_BEHIND] = write_behind
-    write_behind.start()
+    write_behind.start(offset=app.get(keys.FLUSH_OFFSET, 0.0))
     yield
     # Requests have drained by now (aiohttp waits for them before cleanup); what is left of
     # the shutdown budget goes to the final flush.
