@@ -571,7 +571,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
     if not groups:
         return
     by = {(r["system"], r["workers"], r["keys"]): r for r in rows}
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    open_runs = [run for run in data.get("openloop", {}).get("runs", []) if "latency" in run]
+    fig, axes = plt.subplots(3 if open_runs else 2, 1, figsize=(12, 11.5 if open_runs else 8))
+    top, bottom = axes[0], axes[1]
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
         xs = [g + (i - (len(systems) - 1) / 2) * width for g in range(len(groups))]
@@ -581,6 +583,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         bottom.bar(xs, p99, width, label=system)
     top.axhline(0.8, color="grey", linewidth=0.8, linestyle="--")
     top.axhline(0.7, color="grey", linewidth=0.8, linestyle=":")
+    top.set_ylim(0, 1.3)  # room for the legend above the bars
     top.set_ylabel("throughput / bare ceiling")
     top.set_title(
         "POST /increment throughput as a ratio to the bare ceiling (wrk, same run) "
@@ -589,10 +592,45 @@ def plot(data: dict[str, Any], path: Path) -> None:
     top.legend(ncol=len(systems), fontsize="small")
     bottom.set_ylabel("p99 latency, ms (wrk, closed loop)")
     bottom.set_title("p99 latency at each system's own saturation — lower is better")
-    bottom.set_xticks(range(len(groups)))
-    bottom.set_xticklabels(
-        [f"{w} worker{'s' if w > 1 else ''}\n{k:,} key{'s' if k > 1 else ''}" for w, k in groups]
-    )
+    labels = [
+        f"{w} worker{'s' if w > 1 else ''}\n{k:,} key{'s' if k > 1 else ''}" for w, k in groups
+    ]
+    for axis in (top, bottom):
+        axis.set_xticks(range(len(groups)))
+        axis.set_xticklabels(labels)
+    if open_runs:
+        _plot_open_loop(axes[2], open_runs)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_open_loop(axis: Any, runs: list[dict[str, Any]]) -> None:
+    rates = sorted({run["offered_rate"] for run in runs})
+    by = {(run["system"], run["offered_rate"]): run for run in runs}
+    width = 0.2
+    bars = ((SERVICE, "p50_ms"), (SERVICE, "p99_ms"), (SESSION, "p50_ms"), (SESSION, "p99_ms"))
+    for i, (system, percentile) in enumerate(bars):
+        xs = [g + (i - 1.5) * width for g in range(len(rates))]
+        values = [
+            (by.get((system, rate), {}).get("latency", {}).get(percentile) or 0) for rate in rates
+        ]
+        path = "/api/increment" if system == SESSION else "/increment"
+        axis.bar(xs, values, width, label=f"{path} {percentile.removesuffix('_ms')}")
+    axis.set_ylabel("latency, ms (open loop)")
+    axis.set_title(
+        "Same offered rate (open loop, 1 worker, latency from the scheduled send) — lower is better"
+    )
+    axis.set_xticks(range(len(rates)))
+    axis.set_xticklabels(
+        [
+            f"{rate:,.0f}/s"
+            + (
+                f" ({by[(SERVICE, rate)]['fraction']:.0%})"
+                if by.get((SERVICE, rate), {}).get("fraction")
+                else ""
+            )
+            for rate in rates
+        ]
+    )
+    axis.legend(ncol=4, fontsize="small")
