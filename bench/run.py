@@ -91,7 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         description="Benchmark increment-service against two ceilings and a naive design.",
     )
     parser.add_argument(
-        "--duration", type=float, default=10, help="wrk seconds per ceiling and naive scenario"
+        "--duration", type=float, default=8, help="wrk seconds per ceiling and naive scenario"
     )
     parser.add_argument(
         "--steady",
@@ -122,14 +122,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--connections", type=int, default=64, help="wrk -c")
     parser.add_argument(
         "--open-fractions",
-        default="0.5,0.8",
+        default="0.3,0.5,0.7",
         help="open-loop rates as fractions of the service's wrk throughput (POST /increment, "
         "1,000 keys) at --open-workers, measured in the same run",
     )
     parser.add_argument(
         "--open-rates", default="", help="open-loop rates in requests/s instead of fractions"
     )
-    parser.add_argument("--open-duration", type=float, default=20, help="seconds per open-loop run")
+    parser.add_argument("--open-duration", type=float, default=15, help="seconds per open-loop run")
     parser.add_argument(
         "--open-connections", type=int, default=64, help="open-loop connections (bounded)"
     )
@@ -158,10 +158,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
     default_keys = "1000" if quick else "1,1000,100000"
     open_duration = args.open_duration
-    if quick and open_duration == 20:
+    if quick and open_duration == 15:
         open_duration = 5
     return Config(
-        duration=whole_seconds(args.duration, 10, 2),
+        duration=whole_seconds(args.duration, 8, 2),
         steady=whole_seconds(args.steady, 60, 4),
         quick=quick,
         parts=parts,
