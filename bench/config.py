@@ -41,6 +41,7 @@ class Config:
     steady: int  # wrk seconds of each service scenario: the freshness window
     quick: bool
     parts: tuple[str, ...]
+    systems: tuple[str, ...]  # of ORDER, driven by the load part (bare includes bare-again)
     out: Path
     postgres: str  # admin URL: databases are created and dropped through it
     database: str

@@ -127,6 +127,7 @@ def machine_info(config: Config, run_id: str, started: dt.datetime) -> dict[str,
         "duration_s": config.duration,
         "steady_s": config.steady,
         "parts": list(config.parts),
+        "systems": list(config.systems),
         "quick": config.quick,
         "wrk_threads": config.threads,
         "wrk_connections": config.connections,
@@ -438,6 +439,8 @@ def markdown(data: dict[str, Any]) -> str:
         if meta.get("service_pythonpath")
         else ""
     )
+    systems = meta.get("systems", list(ORDER))
+    systems_note = "" if systems == list(ORDER) else f"; systems: {', '.join(systems)}"
     out = [
         "# increment-service benchmark results",
         "",
@@ -447,7 +450,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"ceiling and naive scenario, {meta['steady_s']} s per service scenario"
         f"{' (quick)' if meta['quick'] else ''}"
         f"{', PROFILED (py-spy attached: figures depressed)' if meta['profiled'] else ''}; "
-        f"parts: {', '.join(meta['parts'])}.{service_from}",
+        f"parts: {', '.join(meta['parts'])}{systems_note}.{service_from}",
         "",
         "Every figure that compares is a ratio to references measured in this run, seconds "
         "apart, interleaved: the **bare** ceiling (`bench/bare.py`: orjson, two type checks, "

@@ -106,6 +106,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=",".join(PARTS),
         help=f"parts to run, comma separated, of {', '.join(PARTS)} (default: all)",
     )
+    parser.add_argument(
+        "--systems",
+        default=",".join(ORDER),
+        help=f"systems the load part drives, of {', '.join(ORDER)} (default: all; ratios "
+        "need the ceilings)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     parser.add_argument(
         "--postgres",
@@ -151,6 +157,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
+    systems = tuple(s for s in args.systems.split(",") if s)
+    if set(systems) - set(ORDER):
+        parser.error(f"--systems: unknown system(s) {', '.join(sorted(set(systems) - set(ORDER)))}")
 
     def whole_seconds(value: float, default: float, in_quick: float) -> int:
         chosen = in_quick if quick and value == default else value
@@ -165,6 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         steady=whole_seconds(args.steady, 60, 4),
         quick=quick,
         parts=parts,
+        systems=systems,
         out=args.out.resolve(),
         postgres=args.postgres,
         database=args.database,
@@ -199,6 +209,8 @@ async def run_group(
     results = []
     workers = servers[SERVICE].workers
     for system in (*ORDER, BARE_AGAIN):
+        if (BARE if system == BARE_AGAIN else system) not in config.systems:
+            continue
         server = servers.get(BARE if system == BARE_AGAIN else system, servers[SERVICE])
         if system == SESSION and cookie is None:
             skipped = ScenarioResult(system, workers, keys, "/api/increment", "skipped")
@@ -285,7 +297,11 @@ async def run_all(config: Config) -> dict[str, Any]:
             load_here = load and workers in config.workers
             if not (load_here or open_here):
                 continue
-            systems = (BARE, STRICT, SERVICE, SERVICE_LOG, NAIVE) if load_here else (SERVICE,)
+            systems = [SERVICE]  # the open loop's, the session's, and a wait_ready's
+            if load_here:
+                wanted = {SERVICE if s == SESSION else s for s in config.systems}
+                systems = [s for s in (BARE, STRICT, SERVICE, SERVICE_LOG, NAIVE) if s in wanted]
+                systems += [] if SERVICE in systems else [SERVICE]
             with servers_for(config, workers, systems) as servers:
                 log(f"starting {', '.join(servers)} with {workers} worker(s)")
                 await asyncio.gather(*(wait_ready(s, session) for s in servers.values()))
