@@ -13,7 +13,7 @@ import sys
 
 from aiohttp import web
 
-from minimal import MAX_BODY_BYTES, parse_args, read_increment, run_workers, serve
+from minimal import MAX_BODY_BYTES, main_for, read_increment
 
 ACCEPTED = 202
 
@@ -31,13 +31,5 @@ def make_app() -> web.Application:
     return app
 
 
-def main() -> int:
-    args = parse_args(__doc__ or "").parse_args()
-    if args.workers > 1 and not args.worker_process:
-        return run_workers(sys.argv, args.workers)
-    serve(make_app, args.host, args.port, reuse=args.workers > 1)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_for(make_app, __doc__ or ""))

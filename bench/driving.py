@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
-import math
 import os
 import resource
 import shutil
@@ -16,27 +16,20 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import aiohttp
 import asyncpg
 
+from bench import openloop
 from bench.config import DEFAULT_FLUSH_INTERVAL, LUA, NAIVE, SESSION, Config
+from bench.openloop import percentile
 from bench.servers import Server
 
 SAMPLE_EVERY = 0.1
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
-
-
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile (None for no values)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(0, math.ceil(p / 100 * len(ordered)) - 1)
-    return ordered[rank]
 
 
 def metric_sum(exposition: str, name: str, reduce: str = "sum") -> float | None:
@@ -220,8 +213,13 @@ class ScenarioResult:
     freshness: Freshness | None = None
     correctness: Correctness | None = None
     cpu_us_per_request: float | None = None  # server CPU time per completed request
-    vs_ceiling: float | None = None  # throughput / the ceiling's (same workers and keys)
-    cpu_vs_ceiling: float | None = None  # the ceiling's CPU per request / this one's
+    # Throughput over the bare ceiling's (the mean of its two runs bracketing the group) and
+    # over the strict ceiling's, same workers and keys; then the same in CPU per request (the
+    # ceiling's CPU per request over this one's).
+    vs_bare: float | None = None
+    vs_strict: float | None = None
+    cpu_vs_bare: float | None = None
+    cpu_vs_strict: float | None = None
     vs_naive: float | None = None
     profile: str | None = None
 
@@ -231,14 +229,20 @@ class ScenarioResult:
 
 
 async def run_wrk(
-    config: Config, url: str, path: str, keys: int, prefix: str, cookie: str | None
+    config: Config,
+    url: str,
+    path: str,
+    keys: int,
+    prefix: str,
+    cookie: str | None,
+    seconds: int,
 ) -> tuple[dict[str, Any], str]:
-    main_seconds = config.duration - config.drain
+    main_seconds = seconds - config.drain(seconds)
     command = [
         "wrk",
         f"-t{config.threads}",
         f"-c{config.connections}",
-        f"-d{config.duration}s",
+        f"-d{seconds}s",
         "--timeout",
         "10s",
         "--latency",
@@ -341,14 +345,16 @@ async def session_cookie(
     return cookie, f"logged in as {email}"
 
 
-def start_profilers(config: Config, server: Server, name: str) -> list[subprocess.Popen[bytes]]:
+def start_profilers(
+    config: Config, server: Server, name: str, seconds: int
+) -> list[subprocess.Popen[bytes]]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     profiles = config.out / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     processes = []
     for pid in server.worker_pids():
         output = profiles / f"{name}-{pid}.txt"
-        command = [py_spy, "record", "--pid", str(pid), "--duration", str(config.duration)]
+        command = [py_spy, "record", "--pid", str(pid), "--duration", str(seconds)]
         command += ["--rate", "200", "--nonblocking", "--format", "raw", "-o", str(output)]
         processes.append(
             subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -356,10 +362,52 @@ def start_profilers(config: Config, server: Server, name: str) -> list[subproces
     return processes
 
 
+#: Where a frame's code lives, by a fragment of the frame (function and file); the first that
+#: matches. py-spy sees Python frames only: C code counts for the Python frame that called it,
+#: so uvloop's own work (polling, reading sockets, callbacks) shows as aiohttp's ``run_app``,
+#: and the send system call of each answer as ``StreamWriter._write``.
+PACKAGES = (
+    ("run_app (aiohttp/web.py", "event loop (uvloop's C code under run_app)"),
+    ("_write (aiohttp/http_writer.py", "socket send (aiohttp's transport.write)"),
+    ("increment_service", "increment_service"),
+    ("aiohttp_session", "aiohttp_session"),
+    ("aiohttp", "aiohttp"),
+    ("multidict", "multidict/yarl/propcache"),
+    ("yarl", "multidict/yarl/propcache"),
+    ("propcache", "multidict/yarl/propcache"),
+    ("prometheus_client", "prometheus_client"),
+    ("redis", "redis"),
+    ("asyncpg", "asyncpg"),
+    ("asyncio", "asyncio/uvloop"),
+    ("uvloop", "asyncio/uvloop"),
+    ("logging", "logging"),
+)
+#: The frames of the bench's reference servers count as their "service".
+OWN_CODE = ("increment_service", "bench/bare.py", "bench/ceiling.py", "bench/minimal.py")
+
+
+def package_of(frame: str) -> str:
+    """The package of a py-spy frame ``function (path/file.py:line)``."""
+    for fragment, package in PACKAGES:
+        if fragment in frame:
+            return package
+    return "other (stdlib, ...)"
+
+
+def runs_own_code(frames: list[str]) -> bool:
+    """Whether a stack runs the server's own code: below run_app (the command that starts
+    the server is its own code too, at the root of every stack the loop runs)."""
+    below = next((i + 1 for i, f in enumerate(frames) if f.startswith("run_app (")), 0)
+    return any(fragment in frame for frame in frames[below:] for fragment in OWN_CODE)
+
+
 def summarize_profile(paths: list[Path], top: int = 25) -> str:
-    """Self and inclusive time per function from py-spy's collapsed stacks."""
+    """Self and inclusive time per function from py-spy's collapsed stacks, and self time per
+    package (time in C code, orjson's say, counts for the Python frame that called it)."""
     self_time: dict[str, int] = {}
     inclusive: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    own = 0  # samples with a frame of the server's own code anywhere on the stack
     total = 0
     for path in paths:
         if not path.exists():
@@ -372,11 +420,22 @@ def summarize_profile(paths: list[Path], top: int = 25) -> str:
             frames = stack.split(";")
             total += count
             self_time[frames[-1]] = self_time.get(frames[-1], 0) + count
+            package = package_of(frames[-1])
+            packages[package] = packages.get(package, 0) + count
+            if runs_own_code(frames):
+                own += count
             for frame in set(frames):
                 inclusive[frame] = inclusive.get(frame, 0) + count
     if not total:
         return "no samples\n"
-    lines = [f"{total} samples\n", "## self time\n"]
+    lines = [
+        f"{total} samples\n",
+        f"{100 * own / total:5.1f}%  in the server's own code or what it calls (inclusive)\n",
+        "## self time per package\n",
+    ]
+    for package, count in sorted(packages.items(), key=lambda x: -x[1]):
+        lines.append(f"{100 * count / total:5.1f}%  {package}")
+    lines.append("\n## self time\n")
     for frame, count in sorted(self_time.items(), key=lambda x: -x[1])[:top]:
         lines.append(f"{100 * count / total:5.1f}%  {frame}")
     lines.append("\n## inclusive time\n")
@@ -396,6 +455,7 @@ async def run_scenario(
     cookie: str | None = None,
 ) -> ScenarioResult:
     path = "/api/increment" if system == SESSION else "/increment"
+    seconds = config.seconds_for(system)
     result = ScenarioResult(system, server.workers, keys, path, "ok")
     slug = system.replace("+", "-")
     prefix = f"{run_id}.{slug}.w{server.workers}.k{keys}"
@@ -407,7 +467,7 @@ async def run_scenario(
         watch = FreshnessWatch(session, server.url, pool, f"{prefix}-probe:")
         watch.start()
     profilers = (
-        start_profilers(config, server, f"{slug}-w{server.workers}-k{keys}")
+        start_profilers(config, server, f"{slug}-w{server.workers}-k{keys}", seconds)
         if (config.profile and system != NAIVE)
         else []
     )
@@ -416,7 +476,7 @@ async def run_scenario(
     server_before = server.cpu_seconds()
     started = time.monotonic()
     try:
-        stats, wrk_output = await run_wrk(config, server.url, path, keys, prefix, cookie)
+        stats, wrk_output = await run_wrk(config, server.url, path, keys, prefix, cookie, seconds)
     except BaseException:
         if watch is not None:
             await watch.stop()
@@ -489,6 +549,48 @@ async def run_scenario(
             server_equal=None if server_acked is None else server_acked == everything,
         )
     return result
+
+
+async def wrk_throughput(config: Config, server: Server, keys: int, prefix: str) -> float:
+    """Requests/s of a plain wrk run of POST /increment (no freshness watch, no checks)."""
+    stats, _ = await run_wrk(config, server.url, "/increment", keys, prefix, None, config.duration)
+    return float(stats["requests"]) / (stats["duration_us"] / 1e6)
+
+
+async def run_open_loop(
+    config: Config,
+    server: Server,
+    system: str,
+    rate: float,
+    prefix: str,
+    cookie: str | None,
+) -> dict[str, Any]:
+    """One fixed-rate run (bench/openloop.py) of POST /increment or, for the session system,
+    POST /api/increment with the cookie: ``config.open_duration`` seconds, 1,000 keys."""
+    path = "/api/increment" if system == SESSION else "/increment"
+    headers = {"Content-Type": "application/json"}
+    if cookie:
+        headers["Cookie"] = cookie
+    plan = openloop.Plan(
+        server.url,
+        path,
+        rate,
+        config.open_duration,
+        body=functools.partial(openloop.increment_body, prefix=prefix, keys=1000),
+        headers=headers,
+        connections=config.open_connections,
+        warmup=min(2.0, config.open_duration / 4),
+    )
+    server_before = server.cpu_seconds()
+    started = time.monotonic()
+    result = await openloop.run(plan)
+    server_cores = (server.cpu_seconds() - server_before) / (time.monotonic() - started)
+    return {
+        "system": system,
+        "workers": server.workers,
+        "server_cpu_cores": round(server_cores, 2),
+        **result.as_dict(),
+    }
 
 
 @contextlib.asynccontextmanager

@@ -127,13 +127,46 @@ async def run_flush_bench(
     return results
 
 
+async def run_flush_process(
+    database_url: str, sizes: list[int], repeats: int, pythonpath: str | None
+) -> list[FlushResult]:
+    """run_flush_bench in a process of its own, this script run by path: with ``pythonpath``
+    (bench.run's --service-pythonpath) it times that tree's apply_batch, as the servers run
+    that tree's service. Alone on the machine's side too: no server runs meanwhile."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--database-url",
+        database_url,
+        "--sizes",
+        ",".join(map(str, sizes)),
+        "--repeats",
+        str(repeats),
+        "--no-migrate",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    output, errors = await process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"flush.py exited {process.returncode}: {errors.decode()[-400:]}")
+    return [FlushResult(row["keys"], row["case"], row["seconds"]) for row in json.loads(output)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
     parser.add_argument("--database-url", required=True, help="a database this bench may wipe")
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-migrate", action="store_true", help="the schema is there already (bench.run)"
+    )
     args = parser.parse_args()
-    migrate(args.database_url)
+    if not args.no_migrate:
+        migrate(args.database_url)
     sizes = [int(s) for s in args.sizes.split(",")]
     results = asyncio.run(run_flush_bench(args.database_url, sizes, args.repeats))
     print(json.dumps([r.as_dict() for r in results], indent=2))

@@ -97,6 +97,15 @@ def serve(app_factory: Callable[[], web.Application], host: str, port: int, reus
     )
 
 
+def main_for(app_factory: Callable[[], web.Application], description: str) -> int:
+    """The command of a reference server without options of its own (ceiling.py, bare.py)."""
+    args = parse_args(description).parse_args()
+    if args.workers > 1 and not args.worker_process:
+        return run_workers(sys.argv, args.workers)
+    serve(app_factory, args.host, args.port, reuse=args.workers > 1)
+    return 0
+
+
 def run_workers(argv: list[str], workers: int) -> int:
     """Start ``workers`` copies of this script (``--worker-process``) sharing the port with
     reuse_port, forward SIGTERM/SIGINT to them, and wait. Any worker exiting stops the rest."""

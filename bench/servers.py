@@ -1,6 +1,6 @@
-"""The servers a run drives, started side by side on free loopback ports: the ceiling
-(bench/ceiling.py), the service (with and without its access log) and the naive design
-(bench/naive.py); and the databases they count into."""
+"""The servers a run drives, started side by side on free loopback ports: the bare and the
+strict ceilings (bench/bare.py, bench/ceiling.py), the service (with and without its access
+log) and the naive design (bench/naive.py); and the databases they count into."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -21,15 +21,18 @@ import psutil
 from tests.support.net import free_port, tcp_listeners
 
 from bench.config import (
+    BARE,
     BENCH_DIR,
-    CEILING,
     NAIVE,
     SERVICE,
     SERVICE_LOG,
     SERVICE_SYSTEMS,
+    STRICT,
     Config,
 )
 from bench.flush import migrate
+
+SCRIPTS = {BARE: "bare.py", STRICT: "ceiling.py", NAIVE: "naive.py"}
 
 
 @dataclasses.dataclass
@@ -108,13 +111,11 @@ def start_server(config: Config, system: str, workers: int) -> Server:
             env["PYTHONPATH"] = config.service_pythonpath
         command = [sys.executable, "-m", "increment_service", "serve"]
         ready_path = "/health"
-    elif system == CEILING:
-        command = [sys.executable, str(BENCH_DIR / "ceiling.py")]
+    elif system in SCRIPTS:
+        command = [sys.executable, str(BENCH_DIR / SCRIPTS[system])]
         command += ["--port", str(port), "--workers", str(workers)]
-    elif system == NAIVE:
-        command = [sys.executable, str(BENCH_DIR / "naive.py")]
-        command += ["--port", str(port), "--workers", str(workers)]
-        command += ["--database-url", config.database_url]
+        if system == NAIVE:
+            command += ["--database-url", config.database_url]
     else:
         raise ValueError(system)
     with log_path.open("ab") as log:
@@ -160,10 +161,12 @@ async def prepare_databases(config: Config) -> None:
 
 
 @contextlib.contextmanager
-def servers_for(config: Config, workers: int) -> Iterator[dict[str, Server]]:
+def servers_for(
+    config: Config, workers: int, systems: Sequence[str]
+) -> Iterator[dict[str, Server]]:
     servers: dict[str, Server] = {}
     try:
-        for system in (CEILING, SERVICE, SERVICE_LOG, NAIVE):
+        for system in systems:
             servers[system] = start_server(config, system, workers)
         yield servers
     finally:
