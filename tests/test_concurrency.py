@@ -51,9 +51,8 @@ async def test_replicas_persist_exactly_what_they_acknowledged(
         scraped: list[float] = []
 
         async def counted_all() -> bool:
-            async with aiohttp.ClientSession() as session:
-                async with session.get(pair.url + "/metrics") as r:
-                    text = await r.text()
+            async with aiohttp.ClientSession() as session, session.get(pair.url + "/metrics") as r:
+                text = await r.text()
             found = re.search(r"^increments_total (\S+)$", text, re.MULTILINE)
             assert found is not None
             scraped.append(float(found.group(1)))
