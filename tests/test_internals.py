@@ -4,6 +4,7 @@ Postgres, pruning, the 500 fallback, log formats. Each is caused for real."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import signal
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from increment_service import keys
+from increment_service import cli, keys
 from increment_service.app import create_app
 from increment_service.db import migrate_with_retry
 from increment_service.logs import ConsoleFormatter, JsonFormatter
@@ -57,6 +58,19 @@ def test_supervisor_stops_every_worker_when_one_dies(
         assert "a worker exited; stopping the others" in service.log()
     finally:
         service.stop()
+
+
+async def test_a_started_worker_leaves_its_start_up_objects_out_of_collections() -> None:
+    threshold = gc.get_threshold()
+    gc.unfreeze()
+    try:
+        await cli._settle_heap(object())
+        # What existed at start-up is frozen: a full collection no longer walks it.
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (cli.GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_migrations_wait_for_postgres_then_give_up() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -21,6 +22,9 @@ from . import embedded
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("increment_service")
+
+#: Allocations between young collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +116,7 @@ def run_worker(settings: Settings, worker: int = 0) -> None:
     )
     app = create_app(settings)
     app[keys.FLUSH_OFFSET] = settings.flush_interval_seconds * worker / settings.workers
+    app.on_startup.append(_settle_heap)  # after every cleanup_ctx has started
     web.run_app(
         app,
         host=settings.host,
@@ -122,6 +127,20 @@ def run_worker(settings: Settings, worker: int = 0) -> None:
         print=None,
         loop=uvloop.new_event_loop(),
     )
+
+
+async def _settle_heap(app: object) -> None:
+    """Take what start-up made out of the garbage collector's scans, for good.
+
+    Keyed requests keep objects alive until the next flush, and every few seconds that
+    triggers a full collection, which walked the whole heap (Alembic, SQLAlchemy, aiohttp,
+    the app: 110,000 objects, about 0.1 s with the event loop stopped). Objects made at
+    start-up live as long as the process; frozen, a full collection walks only what was
+    made since. A larger first generation makes the young collections, each a pause of its
+    own, fewer."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _prepare_multiprocess_dir() -> Path:
