@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 
 from tests.support.load import Traffic
+from tests.support.metrics import metric_value
 from tests.support.polling import eventually
 from tests.support.postgres import wait_until_persisted
 from tests.support.processes import ServiceProcess, running
@@ -48,16 +48,14 @@ async def test_replicas_persist_exactly_what_they_acknowledged(
         # The other worker's numbers reach a scrape through the file its sampler rewrites
         # twice a second, later still on a busy machine: poll, and never see too many.
         sent_to_pair = len(items) - half
-        scraped: list[float] = []
 
         async def counted_all() -> bool:
             async with aiohttp.ClientSession() as session, session.get(pair.url + "/metrics") as r:
                 text = await r.text()
-            found = re.search(r"^increments_total (\S+)$", text, re.MULTILINE)
-            assert found is not None
-            scraped.append(float(found.group(1)))
-            assert scraped[-1] <= sent_to_pair
-            return scraped[-1] == sent_to_pair and "increment_pending_keys 0.0" in text
+            total = metric_value(text, "increments_total")
+            assert total is not None
+            assert total <= sent_to_pair
+            return total == sent_to_pair and "increment_pending_keys 0.0" in text
 
         await eventually(counted_all, f"pair's /metrics counts {sent_to_pair} increments")
     # Three replicas (single, and pair's two workers) wrote batches under their own ids.
