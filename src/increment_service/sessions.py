@@ -33,7 +33,7 @@ import re
 import secrets
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -332,8 +332,11 @@ class SessionStore(RedisStorage):
                     )
                 connected = False
             finally:
+                # Through a typed name: redis-py annotates aclose in some releases and not in
+                # others, and a call of it needs no ignore comment in either.
+                close: Callable[[], Awaitable[None]] = pubsub.aclose
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py
+                    await close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _SUBSCRIBER_MAX_BACKOFF_SECONDS)
 

@@ -19,6 +19,7 @@ from tests.containers.docker import (
     unique_name,
     wait_until_serving,
 )
+from tests.support import lock
 from tests.support.api import counter_via_api, signed_in
 from tests.support.compose import REPO_ROOT
 from tests.support.net import JSON, free_port
@@ -196,3 +197,26 @@ def test_image_size_is_reported(app_image: str) -> None:
     base = docker("image", "inspect", "--format", "{{.Size}}", "python:3.11-slim").stdout
     assert size < 1_000_000_000, f"the image grew to {size / 1e6:.0f} MB"
     print(f"\nimage {app_image}: {size / 1e6:.0f} MB, of which the base {int(base) / 1e6:.0f} MB")
+
+
+def test_image_venv_holds_exactly_the_locked_versions(app_image: str) -> None:
+    """The image's virtual environment is the lock's runtime and tracing export: every installed
+    distribution at its locked version, nothing else but the project itself and pip."""
+    listing = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "python",
+        app_image,
+        "-c",
+        "import importlib.metadata as m\n"
+        "for d in m.distributions(): print(d.metadata['Name'], d.version)",
+    ).stdout
+    installed = {}
+    for line in listing.splitlines():
+        name, version = line.split()
+        installed[lock.normalize(name)] = version
+    assert lock.differences(lock.pins(lock.LOCK), installed) == []
+    # ...and it is the whole export: nothing the image should have is missing.
+    assert lock.pins(lock.IMAGE).items() <= installed.items()
+    assert "increment-service" in installed
