@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from aiohttp.test_utils import TestClient
 
-from increment_service import db, keys
+from increment_service import appkeys, db
 from increment_service.app import create_app
 from increment_service.sessions import COOKIE_NAME
 from increment_service.settings import Settings
@@ -24,7 +24,7 @@ async def test_increment_is_accepted_then_persisted(
         response = await client.post("/increment", json={"key": "apples", "value": value})
         assert response.status == 202
         assert await response.read() == b""
-    await client.app[keys.WRITE_BEHIND].flush()
+    await client.app[appkeys.WRITE_BEHIND].flush()
     row = await pg.fetchrow("SELECT value, updated_at FROM counters WHERE key = 'apples'")
     assert row is not None
     assert row["value"] == 10
@@ -86,9 +86,9 @@ async def test_backpressure_refuses_new_keys_with_503_and_retry_after(
     assert (await health.json())["checks"]["writeBehind"].startswith("error")
     metrics = await (await client.get("/metrics")).text()
     assert "increment_backpressure_rejections_total 1.0" in metrics
-    await client.app[keys.WRITE_BEHIND].flush()
+    await client.app[appkeys.WRITE_BEHIND].flush()
     assert (await client.post("/increment", json={"key": "d", "value": 1})).status == 202
-    await client.app[keys.WRITE_BEHIND].flush()
+    await client.app[appkeys.WRITE_BEHIND].flush()
     rows = await pg.fetch("SELECT key, value FROM counters ORDER BY key")
     assert [(r["key"], r["value"]) for r in rows] == [("a", 2), ("b", 1), ("c", 1), ("d", 1)]
 
@@ -99,7 +99,7 @@ async def test_guarded_routes_need_a_session(client: TestClient) -> None:
     assert increment.content_type == "application/problem+json"
     counter = await client.get("/api/counters/a")
     assert counter.status == 401
-    assert client.app[keys.WRITE_BEHIND].aggregator.is_empty
+    assert client.app[appkeys.WRITE_BEHIND].aggregator.is_empty
 
 
 async def test_increment_auth_session_guards_increment(aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -115,7 +115,7 @@ async def test_metrics_count_requests_by_route_template(client: TestClient) -> N
     await client.post("/increment", json={"key": "m"})
     await client.get("/api/counters/some-raw-key")
     await client.get("/no/such/path")
-    await client.app[keys.WRITE_BEHIND].flush()
+    await client.app[appkeys.WRITE_BEHIND].flush()
     text = await (await client.get("/metrics")).text()
     assert "increments_total 3.0" in text
     series = 'http_request_duration_seconds_count{method="POST",route="/increment",'
@@ -183,7 +183,7 @@ async def test_a_sum_too_big_for_bigint_is_rejected_and_the_rest_persisted(
     for _ in range(1025):  # 1025 * (2^53 - 1) > 2^63 - 1 within one interval
         assert (await client.post("/increment", json={"key": "huge", "value": big})).status == 202
     assert (await client.post("/increment", json={"key": "fine", "value": 1})).status == 202
-    await client.app[keys.WRITE_BEHIND].flush()
+    await client.app[appkeys.WRITE_BEHIND].flush()
     rows = await pg.fetch("SELECT key, value FROM counters")
     assert {r["key"]: r["value"] for r in rows} == {"fine": 1}
     text = await (await client.get("/metrics")).text()

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from increment_service import keys
+from increment_service import appkeys
 from increment_service.app import create_app
 from increment_service.settings import Settings
 from tests.support.polling import eventually
@@ -155,7 +155,7 @@ async def test_a_commit_whose_answer_is_lost_is_503_unknown_then_applied_once(
     # The replica keeps retrying the group under its id; once Postgres is reachable again
     # the retry finds it applied and adds nothing.
     proxy.refusing = False
-    write_behind = client.app[keys.WRITE_BEHIND]
+    write_behind = client.app[appkeys.WRITE_BEHIND]
 
     async def settled() -> bool:
         return not write_behind.committing
@@ -197,7 +197,7 @@ async def test_a_key_waiting_for_its_commit_is_409_then_the_same_204(
         first = asyncio.ensure_future(
             client.post("/increment", json={"key": "s", "value": 1}, headers=keyed)
         )
-        write_behind = client.app[keys.WRITE_BEHIND]
+        write_behind = client.app[appkeys.WRITE_BEHIND]
 
         async def waiting() -> bool:
             return write_behind.waiting_durably(("open", "slow"))

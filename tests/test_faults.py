@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from increment_service import keys
+from increment_service import appkeys
 from increment_service.app import create_app
 from increment_service.settings import Settings
 from increment_service.writebehind import APPLY_BATCH_SQL, WriteBehind
@@ -101,7 +101,7 @@ async def test_postgres_stopped_and_started_under_traffic_loses_nothing(
     # The suite's test settings, pointed at the cluster this test may stop.
     outage = dataclasses.replace(settings, database_url=cluster.url, replica_id="pg-outage")
     client: Client = await aiohttp_client(create_app(outage))
-    aggregator = client.app[keys.WRITE_BEHIND].aggregator
+    aggregator = client.app[appkeys.WRITE_BEHIND].aggregator
 
     async def some_persisted() -> bool:
         return bool(await persisted(cluster.url))
@@ -159,7 +159,7 @@ async def test_connections_terminated_by_the_server_lose_and_double_nothing(
     client: Client, database_url: str, pg: asyncpg.Connection
 ) -> None:
     dbname = database_name(database_url)
-    registry = client.app[keys.METRICS].registry
+    registry = client.app[appkeys.METRICS].registry
 
     def failures() -> float:
         return registry.get_sample_value("increment_flush_failures_total") or 0.0
@@ -183,7 +183,7 @@ async def test_connections_terminated_by_the_server_lose_and_double_nothing(
     got = await wait_until_persisted(database_url, traffic.acknowledged())
     assert got == dict(traffic.acknowledged())
     assert failures() >= 3
-    aggregator = client.app[keys.WRITE_BEHIND].aggregator
+    aggregator = client.app[appkeys.WRITE_BEHIND].aggregator
 
     async def nothing_pending() -> bool:
         return aggregator.is_empty
@@ -230,7 +230,7 @@ async def proxied(
         )
         client: Client = await aiohttp_client(create_app(through_proxy))
         try:
-            yield Proxied(client, proxy, client.app[keys.WRITE_BEHIND])
+            yield Proxied(client, proxy, client.app[appkeys.WRITE_BEHIND])
         finally:
             await client.close()  # before the proxy goes: the pool closes its connections
 
@@ -407,7 +407,7 @@ async def test_counter_at_the_edge_of_bigint_is_rejected_and_the_flusher_carries
     client: Client = await aiohttp_client(
         create_app(dataclasses.replace(settings, flush_interval_seconds=9))
     )
-    write_behind = client.app[keys.WRITE_BEHIND]
+    write_behind = client.app[appkeys.WRITE_BEHIND]
     near_max = 9223372036854775800
     await pg.execute(
         "INSERT INTO counters (key, value, updated_at)"

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from increment_service import keys
+from increment_service import appkeys
 from increment_service.validation import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
 from increment_service.writebehind import Batch, Keyed, apply_batch
 from tests.support.net import JSON
@@ -34,7 +34,7 @@ async def counters(pg: asyncpg.Connection) -> dict[str, int]:
 
 async def flush(*clients: Client) -> None:
     for client in clients:
-        assert await client.app[keys.WRITE_BEHIND].flush()
+        assert await client.app[appkeys.WRITE_BEHIND].flush()
 
 
 async def metric(client: Client, sample: str) -> float:

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from increment_service import cli, keys
+from increment_service import appkeys, cli
 from increment_service.app import create_app
 from increment_service.db import migrate_with_retry
 from increment_service.logs import ConsoleFormatter, JsonFormatter
@@ -85,12 +85,12 @@ async def test_old_batch_ids_are_pruned(client: TestClient, pg: asyncpg.Connecti
         "INSERT INTO applied_batches VALUES ('gone', 1, now() - interval '25 hours'),"
         " ('kept', 1, now() - interval '23 hours')"
     )
-    write_behind = client.app[keys.WRITE_BEHIND]
-    await write_behind._maybe_prune()  # just started: not due for an hour
+    write_behind = client.app[appkeys.WRITE_BEHIND]
+    await write_behind.flusher.maybe_prune()  # just started: not due for an hour
     rows = await pg.fetch("SELECT replica_id FROM applied_batches ORDER BY replica_id")
     assert [r["replica_id"] for r in rows] == ["gone", "kept"]
-    write_behind._next_prune = time.monotonic()  # due now
-    await write_behind._maybe_prune()
+    write_behind.flusher.next_prune = time.monotonic()  # due now
+    await write_behind.flusher.maybe_prune()
     rows = await pg.fetch("SELECT replica_id FROM applied_batches")
     assert [r["replica_id"] for r in rows] == ["kept"]
 
@@ -189,7 +189,7 @@ async def test_each_request_is_logged_once_as_json(
 
 def test_access_log_is_off_above_info(settings: Settings) -> None:
     quiet = create_app(dataclasses.replace(settings, access_log=True, log_level="WARNING"))
-    assert keys.ACCESS_LOG not in quiet
+    assert appkeys.ACCESS_LOG not in quiet
 
 
 def test_every_module_imports_on_its_own_without_side_effects() -> None:

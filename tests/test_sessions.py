@@ -31,7 +31,7 @@ import redis.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from increment_service import emails, keys, sessions, throttle
+from increment_service import appkeys, emails, sessions, throttle
 from increment_service.app import create_app
 from increment_service.redis_client import REDIS_TIMEOUT_SECONDS
 from increment_service.settings import Settings
@@ -104,7 +104,7 @@ async def login(client: TestClient, address: str, password: str = PASSWORD, **kw
 
 def redis_key(client: TestClient, session_id: str) -> str:
     """Where the service keeps a session (the store's one copy of RedisStorage's format)."""
-    return client.app[keys.SESSIONS].redis_key(session_id)
+    return client.app[appkeys.SESSIONS].redis_key(session_id)
 
 
 async def whoami(client: TestClient, session_id: str) -> int:
@@ -205,7 +205,7 @@ async def test_counters_need_a_session(api: TestClient) -> None:
     assert (
         await api.post("/api/increment", json={"key": "c", "value": 5}, headers=cookie_header(sid))
     ).status == 202
-    await api.app[keys.WRITE_BEHIND].flush()
+    await api.app[appkeys.WRITE_BEHIND].flush()
 
     response = await api.get("/api/counters/c", headers=cookie_header(sid))
     assert response.status == 200
@@ -222,7 +222,7 @@ async def test_counters_need_a_session(api: TestClient) -> None:
         "/api/increment", json={"key": "a/b c", "value": 2}, headers=cookie_header(sid)
     )
     assert slashed.status == 202
-    await api.app[keys.WRITE_BEHIND].flush()
+    await api.app[appkeys.WRITE_BEHIND].flush()
     response = await api.get("/api/counters/a/b%20c", headers=cookie_header(sid))
     assert (await response.json())["value"] == 2, "the rest of the path is the key, decoded"
 
@@ -260,7 +260,7 @@ async def test_a_cache_miss_is_one_redis_read_for_every_waiting_request(
     address = email()
     await create_user(api, address)
     sid = await login(api, address)
-    store = api.app[keys.SESSIONS]
+    store = api.app[appkeys.SESSIONS]
     gets = CountingGets(store.redis)
     monkeypatch.setattr(store.redis, "get", gets)
     for _ in range(3):
@@ -660,7 +660,7 @@ async def test_account_creation_is_throttled_per_address_before_any_hash(
     api = await make_client(
         dataclasses.replace(settings, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
     )
-    passwords = api.app[keys.PASSWORDS]
+    passwords = api.app[appkeys.PASSWORDS]
     hash_password = passwords.hash
     hashed: list[bytes] = []
 

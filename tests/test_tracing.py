@@ -8,7 +8,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from increment_service import keys
+from increment_service import appkeys
 from increment_service.app import create_app
 from increment_service.settings import Settings
 
@@ -53,9 +53,9 @@ async def test_requests_and_flushes_are_exported_over_otlp(
     )
     assert response.status == 202
     assert (await client.get("/api/counters/x")).status == 401
-    app[keys.WRITE_BEHIND].aggregator.max_pending_keys = 1  # the next new key is refused
+    app[appkeys.WRITE_BEHIND].aggregator.max_pending_keys = 1  # the next new key is refused
     assert (await client.post("/increment", json={"key": "other", "value": 1})).status == 503
-    await app[keys.WRITE_BEHIND].flush()
+    await app[appkeys.WRITE_BEHIND].flush()
     await client.close()  # shutting down exports what is left
 
     spans = {span.name: span for span in _spans(received)}
@@ -80,6 +80,6 @@ async def test_tracing_is_absent_when_not_configured(settings: Settings) -> None
     traced = create_app(
         dataclasses.replace(settings, otel_exporter_otlp_endpoint="http://127.0.0.1:1")
     )
-    assert keys.TRACER_PROVIDER not in plain
+    assert appkeys.TRACER_PROVIDER not in plain
     assert len(traced.middlewares) == len(plain.middlewares) + 1
-    traced[keys.TRACER_PROVIDER].shutdown()  # no span was made: nothing to export
+    traced[appkeys.TRACER_PROVIDER].shutdown()  # no span was made: nothing to export

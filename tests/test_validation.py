@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from increment_service import keys
+from increment_service import appkeys
 from increment_service.errors import MalformedJSON
 from increment_service.validation import MAX_BODY_BYTES, parse_json, parse_json_strict
 from tests.support.net import JSON
@@ -87,7 +87,7 @@ BAD_BODIES: list[tuple[str, bytes, dict[str, str], int, list[str] | None]] = [
 
 
 async def assert_nothing_changed(client: TestClient, pg: asyncpg.Connection) -> None:
-    write_behind = client.app[keys.WRITE_BEHIND]
+    write_behind = client.app[appkeys.WRITE_BEHIND]
     assert write_behind.aggregator.is_empty
     await write_behind.flush()
     assert await pg.fetchval("SELECT count(*) FROM counters") == 0
@@ -175,7 +175,7 @@ async def test_edge_of_the_valid_range_is_accepted(
 ) -> None:
     response = await client.post("/increment", json={"key": key, "value": value})
     assert response.status == 202
-    await client.app[keys.WRITE_BEHIND].flush()
+    await client.app[appkeys.WRITE_BEHIND].flush()
     assert await pg.fetchval("SELECT value FROM counters WHERE key = $1", key) == value
 
 

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from increment_service.errors import BackpressureError
 from increment_service.metrics import Metrics
 from increment_service.writebehind import (
     INT64_MAX,
     Aggregator,
-    BackpressureError,
     Batch,
     WriteBehind,
     apply_batch,

@@ -9,27 +9,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from . import keys, sessions, users
-from .db import pg_ctx
+from . import lifecycle, sessions
+from .appkeys import ACCESS_LOG, METRICS, SESSIONS, SETTINGS, TRACER_PROVIDER
 from .logs import AccessLog, ProtocolErrorLog
-from .metrics import Metrics, sampler_ctx
+from .metrics import Metrics
 from .middleware import request_middleware
-from .redis_client import redis_ctx, unavailable
+from .redis_client import unavailable
 from .settings import Settings
 from .tracing import TRACER_NAME
 from .validation import MAX_BATCH_BODY_BYTES
 from .views import accounts, increments, operations
-from .writebehind import write_behind_ctx
-
-
-def guarded(handler: Handler) -> Handler:
-    """The session guard in front of ``handler``: 401 without a live session."""
-
-    async def guarded_handler(request: web.Request) -> web.StreamResponse:
-        request[keys.SESSION] = await sessions.require_session(request)
-        return await handler(request)
-
-    return guarded_handler
+from .views.guard import guarded
 
 
 def with_session_middleware(handler: Handler) -> Handler:
@@ -38,7 +28,7 @@ def with_session_middleware(handler: Handler) -> Handler:
     route cost the hot path several per cent)."""
 
     async def with_session(request: web.Request) -> web.StreamResponse:
-        store = request.app[keys.SESSIONS]
+        store = request.app[SESSIONS]
         try:
             return await aiohttp_session.session_middleware(store)(request, handler)
         except RedisError as exc:  # the save after a login (handlers map their own errors)
@@ -65,28 +55,18 @@ def create_app(settings: Settings) -> web.Application:
         },
         middlewares=[request_middleware(metrics, access_log)],
     )
-    app[keys.SETTINGS] = settings
-    app[keys.METRICS] = metrics
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
     if access_log is not None:
-        app[keys.ACCESS_LOG] = access_log
+        app[ACCESS_LOG] = access_log
     if settings.otel_exporter_otlp_endpoint is not None:
         # Only now is OpenTelemetry imported: off, tracing costs nothing.
-        from .tracing import make_provider, tracing_ctx, tracing_middleware
+        from .tracing import make_provider, tracing_middleware
 
         provider = make_provider(settings.otel_exporter_otlp_endpoint, settings.replica_id)
-        app[keys.TRACER_PROVIDER] = provider
+        app[TRACER_PROVIDER] = provider
         app.middlewares.insert(0, tracing_middleware(provider.get_tracer(TRACER_NAME)))
-        app.cleanup_ctx.append(tracing_ctx)  # first in, last out: exports the final flush
-    app.cleanup_ctx.extend(
-        [
-            pg_ctx,
-            redis_ctx,
-            sessions.sessions_ctx,  # after redis_ctx: it needs the client
-            users.passwords_ctx,
-            write_behind_ctx,
-            sampler_ctx,
-        ]
-    )
+    lifecycle.register(app)  # every resource, in start-up order
 
     sessions.silence_session_key_warning()
     open_increment: Handler = increments.increment

@@ -105,8 +105,8 @@ def run_worker(settings: Settings, worker: int = 0) -> None:
     import uvloop
     from aiohttp import web
 
-    from . import keys
     from .app import create_app
+    from .appkeys import FLUSH_OFFSET
     from .logs import setup_logging
 
     setup_logging(settings)  # again: a spawned worker starts with a fresh interpreter
@@ -115,7 +115,7 @@ def run_worker(settings: Settings, worker: int = 0) -> None:
         extra={"event": "start", "host": settings.host, "port": settings.port, "pid": os.getpid()},
     )
     app = create_app(settings)
-    app[keys.FLUSH_OFFSET] = settings.flush_interval_seconds * worker / settings.workers
+    app[FLUSH_OFFSET] = settings.flush_interval_seconds * worker / settings.workers
     app.on_startup.append(_settle_heap)  # after every cleanup_ctx has started
     web.run_app(
         app,

@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
-from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
-from . import keys
 from .errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -98,17 +96,16 @@ async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Connection]
         ) from exc
 
 
-async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
-    assert settings.database_url is not None  # create_app refuses settings without one
-    # min_size=0: a replica starts (and buffers increments) even while Postgres is down.
-    pool = await asyncpg.create_pool(
-        settings.database_url,
+async def create_pool(database_url: str) -> asyncpg.Pool:
+    """The app's pool. min_size=0: a replica starts (and buffers increments) even while
+    Postgres is down."""
+    return await asyncpg.create_pool(
+        database_url,
         min_size=0,
         max_size=4,
         command_timeout=10,
         # Enforced by the server, even when the client is gone: no statement of the service
-        # outlives this (the idempotency grace period counts on it, see writebehind.py).
+        # outlives this (the idempotency grace period counts on it, see writebehind/store.py).
         server_settings={
             "statement_timeout": str(STATEMENT_TIMEOUT_MS),
             # Short statements, run over and over: JIT compiling them costs more than it saves
@@ -116,8 +113,10 @@ async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
             "jit": "off",
         },
     )
-    app[keys.PG_POOL] = pool
-    yield
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully if that takes at most 5 s, else cut the connections."""
     try:
         await asyncio.wait_for(pool.close(), timeout=5)
     except TimeoutError:

@@ -86,6 +86,19 @@ class ServiceUnavailable(ProblemError):
     status, slug, title = 503, "unavailable", "Service Unavailable"
 
 
+class BackpressureError(ServiceUnavailable):
+    """The replica holds ``MAX_PENDING_KEYS`` keys and items and cannot take more."""
+
+    slug = "backpressure"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "too many keys are waiting to be persisted; retry later",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.retry_after = retry_after
+
+
 class NotCommitted(ServiceUnavailable):
     """A durable request whose group was never sent to Postgres: nothing was applied."""
 

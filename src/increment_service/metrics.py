@@ -15,15 +15,12 @@ writes them).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
 import resource
 import time
-from collections.abc import AsyncIterator
 
-from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -33,8 +30,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import keys
 from .localmetrics import LocalCollector, LocalCounter, LocalHistogram, write_snapshot
+from .logs import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +204,7 @@ class Metrics:
             self.idempotency_conflicts.labels(stage)
         for kind in ("BadHttpMessage", "BadStatusLine", "LineTooLong", "InvalidHeader"):
             self.protocol_errors.labels(kind)
-        self.requests_in_flight = 0  # sampled into `in_flight` by sampler_ctx
+        self.requests_in_flight = 0  # sampled into `in_flight` by sample()
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()
@@ -275,32 +272,26 @@ class FdWatch:
             )
 
 
-async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Twice a second: how late the event loop wakes up (the cost every request pays for a
-    busy loop), how many requests are in flight, open file descriptors, and the access log's
-    lines out to stdout."""
-    metrics = app[keys.METRICS]
-    access_log = app.get(keys.ACCESS_LOG)
+async def sample(metrics: Metrics, access_log: AccessLog | None) -> None:
+    """Twice a second, until cancelled: how late the event loop wakes up (the cost every
+    request pays for a busy loop), how many requests are in flight, open file descriptors, and
+    the access log's lines out to stdout."""
     fds = FdWatch(metrics)
     fds.sample()
     interval = 0.5
+    while True:
+        before = time.perf_counter()
+        await asyncio.sleep(interval)
+        metrics.loop_lag.set(max(0.0, time.perf_counter() - before - interval))
+        metrics.in_flight.set(metrics.requests_in_flight)
+        metrics.publish()
+        fds.sample()
+        if access_log is not None:
+            access_log.flush()
 
-    async def sample() -> None:
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(interval)
-            metrics.loop_lag.set(max(0.0, time.perf_counter() - before - interval))
-            metrics.in_flight.set(metrics.requests_in_flight)
-            metrics.publish()
-            fds.sample()
-            if access_log is not None:
-                access_log.flush()
 
-    task = asyncio.create_task(sample(), name="sampler")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    metrics.publish()  # requests have drained: the final numbers
+def publish_final(metrics: Metrics, access_log: AccessLog | None) -> None:
+    """Once requests have drained: the final numbers, the last access log lines."""
+    metrics.publish()
     if access_log is not None:
         access_log.flush()

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import redis.asyncio
-from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from . import keys
 from .errors import ServiceUnavailable
 
 T = TypeVar("T")
@@ -22,19 +20,15 @@ T = TypeVar("T")
 REDIS_TIMEOUT_SECONDS = 2.0
 
 
-async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
-    assert settings.redis_url is not None  # create_app refuses settings without one
-    client = redis.asyncio.Redis.from_url(
-        settings.redis_url,
+def create_client(redis_url: str) -> redis.asyncio.Redis:
+    """The app's client (it connects on first use)."""
+    return redis.asyncio.Redis.from_url(
+        redis_url,
         # Fail fast: a guarded route answers 503 rather than hanging while Redis is away.
         socket_timeout=1.0,
         socket_connect_timeout=1.0,
         health_check_interval=30,
     )
-    app[keys.REDIS] = client
-    yield
-    await client.aclose()
 
 
 @contextlib.contextmanager
@@ -57,7 +51,7 @@ async def redis_call(client: redis.asyncio.Redis, call: Callable[[], Awaitable[T
     """Redis work done while a client waits: bounded in time, a 503 when Redis fails.
 
     After a Redis restart every idle pooled connection is dead, and the pool (no retries, see
-    redis_ctx) would hand them out one by one, failing one request each. On a connection error
+    create_client) would hand them out one by one, failing one request each. On a connection error
     the idle connections are dropped and ``call`` runs once more on a fresh one. Every ``call``
     is safe to repeat: reads, SET XX, DEL, PUBLISH; a repeated throttle update leaves a count
     off by one at most.

@@ -33,7 +33,7 @@ import re
 import secrets
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -43,8 +43,6 @@ from aiohttp_session import Session
 from aiohttp_session.redis_storage import RedisStorage
 from redis.exceptions import RedisError
 
-from . import keys
-from .errors import Unauthorized
 from .metrics import Metrics
 from .redis_client import redis_call
 from .settings import Settings
@@ -146,6 +144,7 @@ class SessionStore(RedisStorage):
         # as redis-py's read timeout fires is swallowed (asyncio.timeout, Python 3.11), and
         # the loop would carry on; it checks this flag at least once a second.
         self.closing = False
+        self._listener: asyncio.Task[None] | None = None
         self._hit = metrics.session_cache.labels(result="hit")
         self._miss = metrics.session_cache.labels(result="miss")
         self._refresh = metrics.session_cache.labels(result="refresh")
@@ -340,7 +339,19 @@ class SessionStore(RedisStorage):
             await asyncio.sleep(delay)
             delay = min(delay * 2, _SUBSCRIBER_MAX_BACKOFF_SECONDS)
 
+    def start(self) -> None:
+        """Listen for revocations (until ``close``)."""
+        self._listener = asyncio.create_task(
+            self.listen_for_revocations(), name="session revocations"
+        )
+
     async def close(self) -> None:
+        """Stop listening and refreshing: before the Redis client closes."""
+        self.closing = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         for task in list(self._refreshes):
             task.cancel()
         await asyncio.gather(*self._refreshes, return_exceptions=True)
@@ -348,24 +359,3 @@ class SessionStore(RedisStorage):
 
 def _text(data: Any) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-
-
-async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Registered after redis_ctx: needs the client, and stops before it closes."""
-    store = SessionStore(app[keys.REDIS], app[keys.SETTINGS], app[keys.METRICS])
-    app[keys.SESSIONS] = store
-    task = asyncio.create_task(store.listen_for_revocations(), name="session revocations")
-    yield
-    store.closing = True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await store.close()
-
-
-async def require_session(request: web.Request) -> SessionInfo:
-    """The guard: the request's live session, or 401 (503 if Redis cannot say)."""
-    session = await request.app[keys.SESSIONS].load(request)
-    if session is None:
-        raise Unauthorized(UNAUTHORIZED)
-    return session

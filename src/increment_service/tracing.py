@@ -9,13 +9,11 @@ exported in batches over OTLP/HTTP from a background thread. Install the extra:
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import keys
 from .middleware import route_label
 
 #: The instrumentation name of every span the service makes.
@@ -41,13 +39,6 @@ def make_provider(endpoint: str, replica_id: str) -> TracerProvider:
     exporter = OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
-
-
-async def tracing_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Registered first, so it closes last: the final flush's span is exported too."""
-    yield
-    # Exports what is left; blocking, so off the event loop.
-    await asyncio.to_thread(app[keys.TRACER_PROVIDER].shutdown)
 
 
 def tracing_middleware(tracer: Tracer) -> Callable[..., Awaitable[web.StreamResponse]]:

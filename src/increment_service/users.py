@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
 import bcrypt
-from aiohttp import web
 
-from . import keys
 from .db import Connection
 
 #: bcrypt work factor: about a quarter to half a second per hash on a server core.
@@ -101,10 +97,3 @@ class Passwords:
     def close(self) -> None:
         # A hash still running finishes on its thread; nobody waits for it.
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-async def passwords_ctx(app: web.Application) -> AsyncIterator[None]:
-    passwords = Passwords(workers=os.cpu_count() or 2)
-    app[keys.PASSWORDS] = passwords
-    yield
-    passwords.close()

@@ -11,12 +11,13 @@ import time
 import aiohttp_session
 from aiohttp import web
 
-from .. import db, keys, throttle, users
+from .. import db, throttle, users
+from ..appkeys import METRICS, PASSWORDS, PG_POOL, REDIS, SESSIONS, SETTINGS
 from ..errors import Conflict, TooManyRequests, Unauthorized
 from ..redis_client import redis_call
-from ..sessions import require_session
 from ..validation import read_credentials, read_new_user
 from . import json_response
+from .guard import require_session
 
 BAD_CREDENTIALS = "the email or the password is wrong"
 
@@ -25,16 +26,16 @@ async def create_user(request: web.Request) -> web.Response:
     """POST /api/users."""
     email, email_key, password = await read_new_user(request)
     app = request.app
-    client, signups = app[keys.REDIS], app[keys.METRICS].signups
+    client, signups = app[REDIS], app[METRICS].signups
     # Counted before the hash: a flood of valid bodies costs one Redis call each, not bcrypt.
-    address = throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
+    address = throttle.client_address(request, app[SETTINGS].trusted_proxies)
     try:
         await redis_call(client, lambda: throttle.count_signup(client, address))
     except TooManyRequests:
         signups.labels(outcome="throttled").inc()
         raise
-    password_hash = await app[keys.PASSWORDS].hash(password)
-    async with db.connection(app[keys.PG_POOL], "user database") as conn:
+    password_hash = await app[PASSWORDS].hash(password)
+    async with db.connection(app[PG_POOL], "user database") as conn:
         try:
             user = await users.insert(conn, email, email_key, password_hash)
         except users.DuplicateEmail:
@@ -48,10 +49,10 @@ async def login(request: web.Request) -> web.Response:
     """POST /api/sessions: check the credentials, start a session under a new id."""
     email_key, password = await read_credentials(request)
     app = request.app
-    store, logins = app[keys.SESSIONS], app[keys.METRICS].logins
+    store, logins = app[SESSIONS], app[METRICS].logins
     # One normal form for the lookup and the account's throttle budget.
     subjects = throttle.Subjects.of(
-        email_key, throttle.client_address(request, app[keys.SETTINGS].trusted_proxies)
+        email_key, throttle.client_address(request, app[SETTINGS].trusted_proxies)
     )
     try:
         await redis_call(store.redis, lambda: throttle.count_attempt(store.redis, subjects))
@@ -60,10 +61,10 @@ async def login(request: web.Request) -> web.Response:
         raise
     user = None
     if email_key is not None:
-        async with db.connection(app[keys.PG_POOL], "user database") as conn:
+        async with db.connection(app[PG_POOL], "user database") as conn:
             user = await users.find_by_key(conn, email_key)
     # Unknown email and wrong password take the same path: one bcrypt check, one answer.
-    if not await app[keys.PASSWORDS].verify(password, user.password_hash if user else None):
+    if not await app[PASSWORDS].verify(password, user.password_hash if user else None):
         logins.labels(outcome="failure").inc()
         raise Unauthorized(BAD_CREDENTIALS)
     assert user is not None  # verify() is False without a stored hash
@@ -92,7 +93,7 @@ async def whoami(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     """DELETE /api/sessions: delete the session everywhere; 204 with or without one."""
-    store = request.app[keys.SESSIONS]
+    store = request.app[SESSIONS]
     session_id = store.session_id(request)
     if session_id is not None:
         await redis_call(store.redis, lambda: store.revoke(session_id))

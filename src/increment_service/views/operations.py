@@ -7,20 +7,21 @@ import asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .. import keys, openapi
+from .. import openapi
+from ..appkeys import METRICS, PG_POOL, REDIS, WRITE_BEHIND
 from . import json_response
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 
 
 async def _check_postgres(app: web.Application) -> str:
-    async with app[keys.PG_POOL].acquire(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
+    async with app[PG_POOL].acquire(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
         await conn.fetchval("SELECT 1", timeout=HEALTH_TIMEOUT_SECONDS)
     return "ok"
 
 
 async def _check_redis(app: web.Application) -> str:
-    await asyncio.wait_for(app[keys.REDIS].ping(), HEALTH_TIMEOUT_SECONDS)
+    await asyncio.wait_for(app[REDIS].ping(), HEALTH_TIMEOUT_SECONDS)
     return "ok"
 
 
@@ -34,10 +35,7 @@ async def health(request: web.Request) -> web.Response:
             checks[name] = f"error: {type(result).__name__}"
         else:
             checks[name] = result
-    write_behind = app[keys.WRITE_BEHIND]
-    checks["writeBehind"] = (
-        "error: MAX_PENDING_KEYS reached" if write_behind.aggregator.is_full else "ok"
-    )
+    checks["writeBehind"] = "error: MAX_PENDING_KEYS reached" if app[WRITE_BEHIND].is_full else "ok"
     ok = all(v == "ok" for v in checks.values())
     return json_response({"status": "ok" if ok else "fail", "checks": checks}, 200 if ok else 503)
 
@@ -53,5 +51,5 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[keys.METRICS].exposition()
+    body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

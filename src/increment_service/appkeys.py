@@ -1,5 +1,6 @@
 """Typed application keys: every shared resource of an app (and what the guard leaves on a
-request), in one place."""
+request), in one place. lifecycle.py sets them; views read them. (Named for aiohttp's AppKey,
+not for counter keys or idempotency keys.)"""
 
 from __future__ import annotations
 
@@ -9,28 +10,27 @@ import asyncpg
 import redis.asyncio
 from aiohttp import web
 
+from .logs import AccessLog
+from .metrics import Metrics
+from .sessions import SessionInfo, SessionStore
 from .settings import Settings
+from .users import Passwords
+from .writebehind import WriteBehind
 
-if TYPE_CHECKING:  # imported for annotations only: these modules import keys
+if TYPE_CHECKING:  # the tracing extra may not be installed; only annotations name it
     from opentelemetry.sdk.trace import TracerProvider
 
-    from .logs import AccessLog
-    from .metrics import Metrics
-    from .sessions import SessionInfo, SessionStore
-    from .users import Passwords
-    from .writebehind import WriteBehind
-
 SETTINGS = web.AppKey("settings", Settings)
-METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+METRICS = web.AppKey("metrics", Metrics)
 PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", redis.asyncio.Redis)
-WRITE_BEHIND: web.AppKey[WriteBehind] = web.AppKey("write_behind")
-SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
-PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
+WRITE_BEHIND = web.AppKey("write_behind", WriteBehind)
+SESSIONS = web.AppKey("sessions", SessionStore)
+PASSWORDS = web.AppKey("passwords", Passwords)
 #: Only set when tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT).
 TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")
 #: Only set when requests are logged (ACCESS_LOG, and LOG_LEVEL at INFO or below).
-ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 
 #: Set by the command for each of WORKERS workers (worker n of N: n/N of an interval): workers
 #: that flush at the same moment wait on each other's row locks (their keys overlap); staggered,
@@ -38,4 +38,4 @@ ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
 FLUSH_OFFSET = web.AppKey("flush_offset", float)
 
 #: Set by the session guard on the requests it let through: whose session it is.
-SESSION: web.RequestKey[SessionInfo] = web.RequestKey("session")
+SESSION = web.RequestKey("session", SessionInfo)

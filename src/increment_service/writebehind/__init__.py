@@ -1,0 +1,43 @@
+"""The write-behind: increments are summed in memory and applied to Postgres in batches.
+
+A module per concern, from the bottom up:
+
+* ``items``: what it holds and sends (``Keyed`` requests, ``Batch``, the int64 split);
+* ``aggregator``: the in-memory part, free of I/O (``Aggregator``);
+* ``statements``: the SQL, built from shared fragments;
+* ``store``: functions taking a connection (``apply_batch``, ``prune``,
+  ``empty_next_partition``), and how idempotency keys are claimed;
+* ``backoff``: the one backoff of every retry loop;
+* ``settle``: what a batch's outcome means for the replica (keys remembered, rejections logged);
+* ``flusher``: the timer's flush loop, and the final flush;
+* ``durable``: group commit of ``Prefer: durable`` requests;
+* ``accept``: the accept policy (written behind, replay, conflict, durable wait), with the
+  request fingerprint and the Idempotency-Key scope rule;
+* ``service``: ``WriteBehind``, composing them.
+
+The names below are the package's face: what the rest of the service (and the tests and the
+benchmark) use.
+"""
+
+from .accept import Accepted, NotApplied, fingerprint, scope_of
+from .aggregator import Aggregator
+from .items import INT64_MAX, INT64_MIN, Batch, Keyed
+from .service import WriteBehind
+from .statements import APPLY_BATCH_SQL
+from .store import Applied, apply_batch
+
+__all__ = [
+    "APPLY_BATCH_SQL",
+    "INT64_MAX",
+    "INT64_MIN",
+    "Accepted",
+    "Aggregator",
+    "Applied",
+    "Batch",
+    "Keyed",
+    "NotApplied",
+    "WriteBehind",
+    "apply_batch",
+    "fingerprint",
+    "scope_of",
+]

@@ -1,0 +1,29 @@
+"""One backoff for every retry loop of the write-behind (the flusher, the durable committer,
+the final flush): the first retry waits ``first`` seconds, then twice as long each time, up to
+``cap``. A recovered Postgres is caught up within one cap of coming back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+#: The first retry's wait.
+FIRST_BACKOFF_SECONDS = 0.1
+
+
+@dataclasses.dataclass(slots=True)
+class Backoff:
+    cap: float
+    first: float = FIRST_BACKOFF_SECONDS
+    failures: int = 0  # in a row, since the last success
+
+    def failed(self) -> float:
+        """Count a failure; the wait before the next attempt."""
+        self.failures += 1
+        return self.delay()
+
+    def delay(self, cap: float | None = None) -> float:
+        """The wait before the next attempt, up to this backoff's cap (or ``cap``)."""
+        return min(self.cap if cap is None else cap, self.first * 2.0**self.failures)
+
+    def succeeded(self) -> None:
+        self.failures = 0

@@ -1,0 +1,250 @@
+"""Durable acknowledgement (``Prefer: durable``): group commit.
+
+The replica's waiting durable requests are committed together, one group at a time: the next
+group starts as soon as the previous one commits. A group is one batch under an id of its own
+(``<incarnation>/durable``, a sequence of its own) in the same ledger as the timer's batches:
+it commits beside them, never as part of them, and a retry of it under the same id adds
+nothing twice. A request still waiting after ``durable_timeout`` is answered: NOT_SENT if its
+group never went to Postgres (and then it never will), UNKNOWN if it did (the group is retried
+under the same id until its outcome is known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Sequence
+
+import asyncpg
+
+from ..errors import BackpressureError
+from ..metrics import Metrics
+from .aggregator import Aggregator
+from .backoff import Backoff
+from .items import Batch, Ident, Item, Keyed, split_wide
+from .settle import record_rejections, settle_keyed
+from .store import Applied, apply_batch
+
+log = logging.getLogger("increment_service.writebehind")  # one logger for the package
+
+#: A group's retries wait at most this long between attempts.
+_MAX_BACKOFF_SECONDS = 1.0
+
+
+class Durable(enum.Enum):
+    """How a durable request ended (see GroupCommitter.commit)."""
+
+    COMMITTED = "committed"  # in Postgres (some items may be rejected: see .rejected)
+    REPLAY = "replay"  # its key was applied before, with this body: committed then
+    CONFLICT = "conflict"  # its key was applied before, with another body: never applied
+    NOT_SENT = "not-sent"  # never sent to Postgres: nothing applied
+    UNKNOWN = "unknown"  # sent, no answer in time: the group is retried until it is known
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DurableAnswer:
+    outcome: Durable
+    rejected: frozenset[str] = frozenset()  # counter keys whose total would leave bigint
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Waiting:
+    """A durable request waiting for the commit of its group."""
+
+    items: tuple[Item, ...]
+    keyed: Keyed | None
+    answer: asyncio.Future[DurableAnswer]
+    sent: bool = False  # its group's statement went to Postgres
+    abandoned: bool = False  # answered 503 before it was sent: it must never be
+
+
+class GroupCommitter:
+    """Commits the durable requests of one replica (one worker process), a group at a time."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        aggregator: Aggregator,
+        *,
+        durable_id: str,
+        durable_timeout: float,
+        idempotency_ttl: float,
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        # The written-behind side: the backpressure limit is shared, and keys found applied
+        # are remembered there for the retries that come back.
+        self.aggregator = aggregator
+        self.durable_id = durable_id
+        self.durable_timeout = durable_timeout
+        self.idempotency_ttl = idempotency_ttl
+        self._seq = 0
+        self._waiting: list[_Waiting] = []
+        self._waiting_keys: dict[Ident, _Waiting] = {}
+        self._wakeup = asyncio.Event()
+        self._in_commit: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._commit_groups(), name="durable committer")
+
+    @property
+    def committing(self) -> bool:
+        """A durable group is on its way to Postgres (or retried for its outcome)."""
+        return self._in_commit is not None and not self._in_commit.done()
+
+    def waiting(self, ident: Ident) -> bool:
+        """A durable request with this key waits for its commit here (a retry gets 409)."""
+        return ident in self._waiting_keys
+
+    @property
+    def waiting_items(self) -> int:
+        return sum(len(w.items) for w in self._waiting)
+
+    async def commit(self, items: Sequence[Item], keyed: Keyed | None = None) -> DurableAnswer:
+        """Commit ``items`` (and ``keyed``'s key) with the next group, and say how it went."""
+        pending = self.aggregator.pending_keys + self.waiting_items
+        if pending + len(items) > self.aggregator.max_pending_keys:
+            self.metrics.backpressure_rejections.inc()
+            raise BackpressureError(retry_after=1)
+        waiting = _Waiting(tuple(items), keyed, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        if keyed is not None:
+            self._waiting_keys[keyed.ident] = waiting
+        self._wakeup.set()
+        started = time.perf_counter()
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(waiting.answer), self.durable_timeout)
+        except TimeoutError:
+            if waiting.sent:
+                answer = DurableAnswer(Durable.UNKNOWN)
+            else:
+                waiting.abandoned = True
+                self._forget(waiting)
+                answer = DurableAnswer(Durable.NOT_SENT)
+        finally:
+            self.metrics.durable_seconds.observe(time.perf_counter() - started)
+        self.metrics.durable_requests.labels(answer.outcome.value).inc()
+        return answer
+
+    async def close(self, within: float) -> None:
+        """Stop committing. A group on its way (or retried for an unknown outcome) gets up to
+        ``within`` seconds to be settled first."""
+        if self._task is None:
+            return
+        if self._in_commit is not None and not self._in_commit.done():
+            await asyncio.wait({self._in_commit}, timeout=within)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def _forget(self, waiting: _Waiting) -> None:
+        if waiting.keyed is not None and self._waiting_keys.get(waiting.keyed.ident) is waiting:
+            del self._waiting_keys[waiting.keyed.ident]
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(waiting)
+
+    async def _commit_groups(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            group = [w for w in self._waiting if not w.abandoned]
+            self._waiting = []
+            if group:
+                self._in_commit = asyncio.ensure_future(self._commit_group(group))
+                try:
+                    await self._in_commit
+                except Exception:  # pragma: no cover -- a bug: answer, and go on committing
+                    log.exception("durable group error", extra={"event": "durable"})
+                    for waiting in group:
+                        if not waiting.answer.done():
+                            waiting.answer.set_result(DurableAnswer(Durable.UNKNOWN))
+                finally:
+                    for waiting in group:
+                        self._forget(waiting)
+            if self._waiting:
+                self._wakeup.set()
+
+    async def _commit_group(self, group: list[_Waiting]) -> None:
+        """Send ``group`` as one batch; retry it under the same id until its outcome is
+        known. Requests that time out before it is sent leave it (they were answered 503)."""
+        backoff = Backoff(cap=_MAX_BACKOFF_SECONDS)
+        batch: Batch | None = None
+        while True:
+            try:
+                async with self.pool.acquire(timeout=self.durable_timeout) as conn:
+                    if batch is None:
+                        group[:] = [w for w in group if not w.abandoned]
+                        if not group:
+                            return  # every request gave up before anything was sent
+                        batch = self._group_batch(group)
+                        for waiting in group:
+                            waiting.sent = True
+                        self.metrics.durable_group_size.observe(len(group))
+                    applied = await apply_batch(
+                        conn,
+                        batch,
+                        statement_timeout=max(5.0, self.durable_timeout),
+                        idempotency_ttl=self.idempotency_ttl,
+                    )
+            except Exception as exc:  # noqa: BLE001 -- retried until the outcome is known
+                wait = backoff.failed()
+                self.metrics.flush_failures.inc()
+                log.warning(
+                    "durable group failed, will retry" if batch else "durable group not sent",
+                    extra={
+                        "event": "durable",
+                        "outcome": "error",
+                        "seq": batch.seq if batch else None,
+                        "requests": len(group),
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "attempt": backoff.failures,
+                    },
+                )
+                await asyncio.sleep(wait)
+                continue
+            if applied.rejected:
+                record_rejections(self.metrics, batch, applied.rejected)
+            if batch.keyed:
+                settle_keyed(self.aggregator, self.metrics, batch, applied)
+            self._answer(group, batch, applied)
+            return
+
+    def _group_batch(self, group: list[_Waiting]) -> Batch:
+        """One batch of a group: unkeyed items summed per counter key, keyed ones as they are."""
+        sums: dict[str, int] = {}
+        keyed: list[Keyed] = []
+        for waiting in group:
+            if waiting.keyed is not None:
+                keyed.append(waiting.keyed)
+                continue
+            for key, value in waiting.items:
+                sums[key] = sums.get(key, 0) + value
+        keys, deltas, wide = split_wide(sums)
+        self._seq += 1
+        return Batch(self.durable_id, self._seq, keys, deltas, time.monotonic(), wide, tuple(keyed))
+
+    def _answer(self, group: list[_Waiting], batch: Batch, applied: Applied) -> None:
+        rejected = frozenset(applied.rejected)
+        position = {request.ident: n for n, request in enumerate(batch.keyed)}
+        for waiting in group:
+            if waiting.answer.done():
+                continue
+            outcome = Durable.COMMITTED
+            if waiting.keyed is not None:
+                n = position[waiting.keyed.ident]
+                if n not in applied.claimed:
+                    recorded = applied.recorded_before.get(n)
+                    same = recorded is None or recorded == waiting.keyed.fingerprint
+                    outcome = Durable.REPLAY if same else Durable.CONFLICT
+            mine = frozenset(k for k, _ in waiting.items) & rejected
+            if outcome is Durable.COMMITTED or not applied.fresh:
+                # A retry that found its own group applied earlier: committed then.
+                waiting.answer.set_result(DurableAnswer(outcome, mine))
+            else:
+                waiting.answer.set_result(DurableAnswer(outcome))

@@ -1,0 +1,60 @@
+"""What the write-behind holds and sends: keyed requests, batches, and the int64 split."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+#: Joins the keys of a batch into one string. Keys never hold control characters (validation),
+#: so this one cannot be part of a key.
+KEY_SEPARATOR = "\x1f"
+
+Ident = tuple[str, str]  # (scope, idempotency key)
+Item = tuple[str, int]  # (counter key, value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Keyed:
+    """A request with an Idempotency-Key: applied whole, once, or not at all."""
+
+    scope: str  # whose keys these are: a user, or the open routes (accept.scope_of)
+    key: str
+    fingerprint: bytes  # the route kind and the items (accept.fingerprint)
+    items: tuple[Item, ...]
+
+    @property
+    def ident(self) -> Ident:
+        return (self.scope, self.key)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    replica_id: str
+    seq: int
+    keys: list[str]  # in no particular order: the statement sorts them
+    deltas: list[int]
+    oldest: float  # monotonic time of the batch's oldest delta
+    # Keys whose delta summed over the interval does not fit a bigint (thousands of huge
+    # increments to one key): sent as numeric, applied if the stored total still fits.
+    wide: dict[str, int] = dataclasses.field(default_factory=dict)
+    keyed: tuple[Keyed, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Keys and keyed items: what the batch holds against MAX_PENDING_KEYS."""
+        return len(self.keys) + len(self.wide) + sum(len(k.items) for k in self.keyed)
+
+
+def split_wide(sums: Mapping[str, int]) -> tuple[list[str], list[int], dict[str, int]]:
+    """Per-key sums as the statements take them: the keys and deltas that fit a bigint, and
+    the (rare) wide ones that do not."""
+    keys, deltas = list(sums), list(sums.values())
+    # min and max run in C: the per-key test below only when some sum left bigint.
+    if not deltas or (min(deltas) >= INT64_MIN and max(deltas) <= INT64_MAX):
+        return keys, deltas, {}
+    wide = {k: d for k, d in sums.items() if not INT64_MIN <= d <= INT64_MAX}
+    keys = [k for k in keys if k not in wide]
+    return keys, [sums[k] for k in keys], wide
