@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from increment_service import appkeys
-from increment_service.validation import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
+from increment_service.validation.increments import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
 from increment_service.writebehind import Batch, Keyed, apply_batch
 from tests.support.net import JSON
 

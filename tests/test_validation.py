@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from increment_service import appkeys
 from increment_service.errors import MalformedJSON
-from increment_service.validation import MAX_BODY_BYTES, parse_json, parse_json_strict
+from increment_service.validation.bodies import MAX_BODY_BYTES, parse_json, parse_json_strict
 from tests.support.net import JSON
 
 MAX = 2**53 - 1

@@ -17,7 +17,7 @@ from .middleware import request_middleware
 from .redis_client import unavailable
 from .settings import Settings
 from .tracing import TRACER_NAME
-from .validation import MAX_BATCH_BODY_BYTES
+from .validation.increments import MAX_BATCH_BODY_BYTES
 from .views import accounts, increments, operations
 from .views.guard import guarded
 
@@ -49,7 +49,7 @@ def create_app(settings: Settings) -> web.Application:
         # The largest body of any route (a batch); each route checks its own limit.
         client_max_size=MAX_BATCH_BODY_BYTES,
         handler_args={
-            # Never inflate a request body (see validation.refuse_content_coding).
+            # Never inflate a request body (see validation/bodies.refuse_content_coding).
             "auto_decompress": False,
             "logger": ProtocolErrorLog(lambda kind: metrics.protocol_errors.labels(kind).inc()),
         },

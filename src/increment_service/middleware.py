@@ -20,7 +20,7 @@ from .errors import ProblemError, problem_response
 from .localmetrics import HistogramChild
 from .logs import AccessLog
 from .metrics import Metrics
-from .validation import refuse_content_coding
+from .validation.bodies import refuse_content_coding
 
 log = logging.getLogger(__name__)
 

@@ -7,16 +7,14 @@ from typing import Any
 from . import __version__
 from .emails import MAX_EMAIL_CHARS
 from .sessions import COOKIE_NAME
-from .validation import (
-    IDEMPOTENCY_KEY,
+from .validation.accounts import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
+from .validation.bodies import MAX_BODY_BYTES
+from .validation.headers import IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_CHARS
+from .validation.increments import (
     MAX_BATCH_BODY_BYTES,
     MAX_BATCH_ITEMS,
-    MAX_BODY_BYTES,
-    MAX_IDEMPOTENCY_KEY_CHARS,
     MAX_KEY_CHARS,
-    MAX_PASSWORD_BYTES,
     MAX_SAFE_INTEGER,
-    MIN_PASSWORD_BYTES,
 )
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}

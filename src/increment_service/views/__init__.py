@@ -1,4 +1,4 @@
-"""HTTP handlers, thin: a body read by validation.py, storage behind a connection, domain
+"""HTTP handlers, thin: a request read by validation/, storage behind a connection, domain
 errors raised for middleware.py to answer.
 
 * ``increments``: the counters (``POST /increment``, ``/api/increment``, ``GET /api/counters``);

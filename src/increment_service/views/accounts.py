@@ -15,7 +15,7 @@ from .. import db, throttle, users
 from ..appkeys import METRICS, PASSWORDS, PG_POOL, REDIS, SESSIONS, SETTINGS
 from ..errors import Conflict, TooManyRequests, Unauthorized
 from ..redis_client import redis_call
-from ..validation import read_credentials, read_new_user
+from ..validation.accounts import read_credentials, read_new_user
 from . import json_response
 from .guard import require_session
 

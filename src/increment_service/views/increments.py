@@ -10,13 +10,8 @@ from aiohttp import web
 from .. import counters, db
 from ..appkeys import PG_POOL, SESSION, WRITE_BEHIND
 from ..errors import NotFound
-from ..validation import (
-    is_key,
-    prefers_durable,
-    read_idempotency_key,
-    read_increment,
-    read_increments,
-)
+from ..validation.headers import prefers_durable, read_idempotency_key
+from ..validation.increments import is_key, read_increment, read_increments
 from ..writebehind import Accepted
 from . import json_response
 

@@ -1,12 +1,13 @@
 """One backoff for every retry loop of the write-behind (the flusher, the durable committer,
-the final flush): the first retry waits ``first`` seconds, then twice as long each time, up to
-``cap``. A recovered Postgres is caught up within one cap of coming back."""
+the final flush): after the n-th failure in a row the next attempt waits ``first * 2**n``
+seconds (0.2 s, 0.4 s, 0.8 s, ...), up to ``cap``. A recovered Postgres is caught up within one
+cap of coming back."""
 
 from __future__ import annotations
 
 import dataclasses
 
-#: The first retry's wait.
+#: The base of the doubling (the first retry waits twice this).
 FIRST_BACKOFF_SECONDS = 0.1
 
 
