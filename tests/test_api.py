@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 
 import asyncpg
 import jsonschema
@@ -12,9 +11,12 @@ from aiohttp.test_utils import TestClient
 
 from increment_service import db, keys
 from increment_service.app import create_app
-from increment_service.sessions import COOKIE_NAME
 from increment_service.settings import Settings
+from tests.support.api import signed_in
+from tests.support.inprocess import base_url
 from tests.support.net import JSON, free_port
+from tests.support.postgres import counters
+from tests.support.problems import problem_type
 
 
 async def test_increment_is_accepted_then_persisted(
@@ -78,7 +80,7 @@ async def test_backpressure_refuses_new_keys_with_503_and_retry_after(
     assert refused.status == 503
     assert refused.headers["Retry-After"] == "1"
     assert refused.content_type == "application/problem+json"
-    assert (await refused.json(content_type=None))["type"].endswith(":backpressure")
+    assert await problem_type(refused) == "backpressure"
     # A key already pending is still counted.
     assert (await client.post("/increment", json={"key": "a", "value": 1})).status == 202
     health = await client.get("/api/health")
@@ -184,24 +186,14 @@ async def test_a_sum_too_big_for_bigint_is_rejected_and_the_rest_persisted(
         assert (await client.post("/increment", json={"key": "huge", "value": big})).status == 202
     assert (await client.post("/increment", json={"key": "fine", "value": 1})).status == 202
     await client.app[keys.WRITE_BEHIND].flush()
-    rows = await pg.fetch("SELECT key, value FROM counters")
-    assert {r["key"]: r["value"] for r in rows} == {"fine": 1}
+    assert await counters(pg) == {"fine": 1}
     text = await (await client.get("/metrics")).text()
     assert "increment_overflow_rejected_total 1.0" in text
 
 
-async def session_headers(client: TestClient) -> dict[str, str]:
-    """A new user's session cookie, as a header (sessions live in Redis: any replica takes it)."""
-    credentials = {"email": f"user-{uuid.uuid4().hex[:12]}@example.com", "password": "p" * 12}
-    assert (await client.post("/api/users", json=credentials)).status == 201
-    response = await client.post("/api/sessions", json=credentials)
-    assert response.status == 201
-    return {"Cookie": f"{COOKIE_NAME}={response.cookies[COOKIE_NAME].value}"}
-
-
 @pytest.mark.parametrize("path", ["a%00", "a%00b", "%0a", "a%C2%85", "a%ED%A0%80"])
 async def test_a_key_no_counter_can_have_is_404(client: TestClient, path: str) -> None:
-    response = await client.get(f"/api/counters/{path}", headers=await session_headers(client))
+    response = await client.get(f"/api/counters/{path}", headers=await signed_in(base_url(client)))
     assert response.status == 404
     assert response.content_type == "application/problem+json"
 
@@ -209,7 +201,7 @@ async def test_a_key_no_counter_can_have_is_404(client: TestClient, path: str) -
 async def test_counters_while_postgres_is_down_are_503(
     aiohttp_client, client: TestClient, settings: Settings
 ) -> None:  # type: ignore[no-untyped-def]
-    headers = await session_headers(client)
+    headers = await signed_in(base_url(client))
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
     down = await aiohttp_client(create_app(dataclasses.replace(settings, database_url=closed)))
     response = await down.get("/api/counters/x", headers=headers)
@@ -221,7 +213,7 @@ async def test_counters_while_postgres_is_down_are_503(
 async def test_counters_behind_a_lock_are_503_after_the_request_timeout(
     client: TestClient, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    headers = await session_headers(client)
+    headers = await signed_in(base_url(client))
     monkeypatch.setattr(db, "REQUEST_TIMEOUT_SECONDS", 0.5)
     async with pg.transaction():
         await pg.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")

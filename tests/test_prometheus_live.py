@@ -45,18 +45,18 @@ import yaml  # type: ignore[import-untyped]  # no stubs in the test environment
 
 from tests.support.load import Traffic
 from tests.support.metrics import metric_value
-from tests.support.net import free_port, tcp_listeners
-from tests.support.processes import ServiceProcess
-from tests.test_prometheus_rules import (
+from tests.support.monitoring import (
     PROMETHEUS_CONFIG,
     iter_panels,
     load_dashboard,
     rule_files,
     substitute,
 )
-from tests.test_prometheus_rules import (
+from tests.support.monitoring import (
     dashboard_queries as rules_dashboard_queries,
 )
+from tests.support.net import free_port, tcp_listeners
+from tests.support.processes import ServiceProcess
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"

@@ -10,8 +10,18 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 
 JSON = {"Content-Type": "application/json"}
+
+
+async def chunked_increment(pad_kib: int = 8) -> AsyncIterator[bytes]:
+    """An increment padded with ``pad_kib`` KiB, as a body to send in chunks: a request with
+    no Content-Length, whose size the server learns only as it reads."""
+    yield b'{"key": "a", "value": 1, "pad": "'
+    for _ in range(pad_kib):
+        yield b"x" * 1024
+    yield b'"}'
 
 
 def free_port() -> int:
