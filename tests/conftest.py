@@ -26,6 +26,7 @@ from increment_service import embedded, keys
 from increment_service.app import create_app
 from increment_service.db import migrate
 from increment_service.settings import Settings
+from tests.support.compose import compose_file, compose_interpolate_all
 from tests.support.inprocess import Client, MakeReplica, Proxied
 from tests.support.postgres import CuttingProxy, PgCluster, database_name, with_database
 from tests.support.processes import MakeService, ServiceProcess, service_env
@@ -193,3 +194,10 @@ def make_service(clean: None, database_url: str, redis_url: str, tmp_path: Path)
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """docker-compose.yml as compose sees it with no .env: every default applied."""
+    interpolated: dict[str, Any] = compose_interpolate_all(compose_file(), {})
+    return interpolated

@@ -1,6 +1,7 @@
 """Test helpers, a module per concern; import from the module, not from here.
 
-- ``net``: loopback ports, plain HTTP GETs, health waits, listening sockets, a chunked body
+- ``net``: loopback ports, plain HTTP GETs, health waits, listening sockets, a chunked body,
+  stand-in HTTP servers
 - ``polling``: ``eventually``, the one poll-until-true
 - ``processes``: ``increment-service`` run for real in a subprocess (``make_service``'s type)
 - ``inprocess``: the service in this process: its test client's type, a replica behind a
@@ -14,6 +15,9 @@
 - ``logs``: JSON log lines, and the service's flushes in them
 - ``monitoring``: prometheus/ and grafana-provisioning/, the dashboard's queries
 - ``compose``: docker-compose.yml read and interpolated as compose does
+- ``dockerfile``: the Dockerfile's instructions by stage, .dockerignore
+- ``k8s``: deploy/k8s's manifests and the app's container
+- ``service_settings``: every documented setting with its default, the Settings class
 - ``nginx``: the native load balancer's configuration and process
 - ``topology``: compose's stack as local processes
 

@@ -1,7 +1,7 @@
 """docker-compose.yml read, and interpolated the way compose does it.
 
 The native topology (topology.py) runs compose's `app` with compose's own environment, and
-the deploy checks (tests/test_deploy_config.py) validate the file with the same reading.
+the deploy checks (tests/test_deploy_*.py) validate the file with the same reading.
 """
 
 from __future__ import annotations
@@ -44,6 +44,17 @@ def compose_interpolate(text: str, variables: Mapping[str, str]) -> str:
         return arg
 
     return COMPOSE_VARIABLE.sub(replace, text)
+
+
+def compose_interpolate_all(node: Any, variables: Mapping[str, str]) -> Any:
+    """Every string in a parsed compose file (or a part of it) interpolated."""
+    if isinstance(node, str):
+        return compose_interpolate(node, variables)
+    if isinstance(node, dict):
+        return {key: compose_interpolate_all(value, variables) for key, value in node.items()}
+    if isinstance(node, list):
+        return [compose_interpolate_all(value, variables) for value in node]
+    return node
 
 
 def compose_file() -> dict[str, Any]:
