@@ -447,7 +447,7 @@ async def run_scenario(
 async def wrk_throughput(config: Config, server: Server, keys: int, prefix: str) -> float:
     """Requests/s of a plain wrk run of POST /increment (no freshness watch, no checks)."""
     stats, _ = await run_wrk(config, server.url, "/increment", keys, prefix, None, config.duration)
-    return float(stats["requests"]) / (stats["duration_us"] / 1e6)
+    return float(stats["requests"]) / (float(stats["duration_us"]) / 1e6)
 
 
 async def run_open_loop(

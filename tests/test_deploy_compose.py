@@ -105,7 +105,8 @@ def _compose_schema() -> dict[str, Any]:
     from importlib.resources import files
 
     schema_file = files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
-    return json.loads(schema_file.read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(schema_file.read_text(encoding="utf-8"))
+    return schema
 
 
 def _compose_validator() -> Any:
@@ -167,7 +168,8 @@ def _compose_config(env_file: Path, tmp_path: Path) -> dict[str, Any]:
         command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    config: dict[str, Any] = json.loads(result.stdout)
+    return config
 
 
 def test_docker_compose_config_accepts_file_and_env_example_changes_nothing(

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -166,13 +167,13 @@ def alert_names() -> set[str]:
 
 
 @needs_promtool
-def test_prometheus_config_is_valid():
+def test_prometheus_config_is_valid() -> None:
     output = run_promtool("check", "config", str(PROMETHEUS_CONFIG.relative_to(REPO_ROOT)))
     assert "SUCCESS" in output
 
 
 @needs_promtool
-def test_prometheus_config_loads_every_rule_file():
+def test_prometheus_config_loads_every_rule_file() -> None:
     """rule_files is relative to the config, so the glob must find rules/*.yml."""
     output = run_promtool("check", "config", str(PROMETHEUS_CONFIG.relative_to(REPO_ROOT)))
     for path in rule_files():
@@ -180,18 +181,18 @@ def test_prometheus_config_loads_every_rule_file():
 
 
 @needs_promtool
-def test_rules_are_valid():
+def test_rules_are_valid() -> None:
     run_promtool("check", "rules", *(str(path.relative_to(REPO_ROOT)) for path in rule_files()))
 
 
 @needs_promtool
-def test_rule_unit_tests_pass():
+def test_rule_unit_tests_pass() -> None:
     output = run_promtool("test", "rules", str(RULES_TESTS.relative_to(REPO_ROOT)))
     assert "SUCCESS" in output
 
 
 @needs_promtool
-def test_dashboard_queries_are_valid_promql(tmp_path):
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses each query as the expression of a recording rule."""
     queries = dashboard_queries()
     lines = ["groups:", "  - name: dashboard", "    rules:"]
@@ -218,11 +219,11 @@ EXPECTED_ALERTS = {
 }
 
 
-def test_expected_alerts_exist():
+def test_expected_alerts_exist() -> None:
     assert alert_names() >= EXPECTED_ALERTS
 
 
-def test_every_alert_has_firing_and_quiet_unit_tests():
+def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     """Relies on the conventions written at the top of alerts_test.yml."""
     text = RULES_TESTS.read_text(encoding="utf-8")
     cases = re.split(r"^\s*-\s*eval_time:", text, flags=re.MULTILINE)[1:]
@@ -241,7 +242,7 @@ def test_every_alert_has_firing_and_quiet_unit_tests():
     assert (firing | quiet) - names == set(), "unit tests for alerts that do not exist"
 
 
-def test_rules_unit_tests_cover_a_recording_rule():
+def test_rules_unit_tests_cover_a_recording_rule() -> None:
     text = RULES_TESTS.read_text(encoding="utf-8")
     recorded = set(
         re.findall(
@@ -254,7 +255,7 @@ def test_rules_unit_tests_cover_a_recording_rule():
     assert recorded & tested
 
 
-def test_every_alert_has_severity_summary_and_description():
+def test_every_alert_has_severity_summary_and_description() -> None:
     for path in rule_files():
         text = path.read_text(encoding="utf-8")
         for block in re.split(r"^\s*-\s*(?=alert:|record:)", text, flags=re.MULTILINE)[1:]:
@@ -273,7 +274,7 @@ def test_every_alert_has_severity_summary_and_description():
 # --- Grafana provisioning ---------------------------------------------------------------
 
 
-def test_datasource_is_provisioned_with_pinned_uid():
+def test_datasource_is_provisioned_with_pinned_uid() -> None:
     text = DATASOURCE_FILE.read_text(encoding="utf-8")
     assert re.search(r"^\s*uid:\s*prometheus\s*$", text, re.MULTILINE)
     assert re.search(r"^\s*type:\s*prometheus\s*$", text, re.MULTILINE)
@@ -281,13 +282,13 @@ def test_datasource_is_provisioned_with_pinned_uid():
     assert re.search(r"^\s*isDefault:\s*true\s*$", text, re.MULTILINE)
 
 
-def test_dashboard_provider_points_at_provisioning_directory():
+def test_dashboard_provider_points_at_provisioning_directory() -> None:
     text = PROVIDER_FILE.read_text(encoding="utf-8")
     assert re.search(r"^\s*type:\s*file\s*$", text, re.MULTILINE)
     assert re.search(r"^\s*path:\s*/etc/grafana/provisioning/dashboards\s*$", text, re.MULTILINE)
 
 
-def test_dashboard_identity():
+def test_dashboard_identity() -> None:
     dashboard = load_dashboard()
     assert dashboard["uid"] == "increment-service"
     assert dashboard["schemaVersion"] == 39
@@ -295,7 +296,7 @@ def test_dashboard_identity():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
 
-def test_every_panel_has_datasource_and_unit():
+def test_every_panel_has_datasource_and_unit() -> None:
     for panel in iter_panels(load_dashboard()["panels"]):
         if panel["type"] == "row":
             continue
@@ -308,26 +309,26 @@ def test_every_panel_has_datasource_and_unit():
         assert unit in ALLOWED_UNITS, f"{title}: unit {unit!r}"
 
 
-def test_template_variables_use_the_provisioned_datasource():
+def test_template_variables_use_the_provisioned_datasource() -> None:
     for variable in load_dashboard()["templating"]["list"]:
         if variable["type"] == "query":
             assert variable["datasource"] == DATASOURCE, variable["name"]
 
 
-def test_dashboard_queries_use_only_exposed_metrics():
+def test_dashboard_queries_use_only_exposed_metrics() -> None:
     for title, expr in raw_targets():
         names = series_names(substitute(expr, DEFAULT_SUBSTITUTIONS))
         assert names, f"{title}: no metric in {expr!r}"
         assert names <= ALLOWED_SERIES, f"{title}: unknown metrics {names - ALLOWED_SERIES}"
 
 
-def test_dashboard_shows_every_exposed_metric():
+def test_dashboard_shows_every_exposed_metric() -> None:
     used = set().union(*(series_names(query) for query in dashboard_queries()))
     base = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
     assert (HISTOGRAMS | COUNTERS | GAUGES) - base == set()
 
 
-def test_dashboard_rates_use_rate_interval():
+def test_dashboard_rates_use_rate_interval() -> None:
     calls = re.compile(r"\b(?:" + "|".join(RANGE_FUNCTIONS) + r")\s*\(")
     for title, expr in raw_targets():
         windows = re.findall(r"\[([^\]]*)\]", expr)
@@ -337,7 +338,7 @@ def test_dashboard_rates_use_rate_interval():
         assert len(windows) == len(calls.findall(expr)), f"{title}: {expr!r}"
 
 
-def test_persist_lag_panel_has_ten_second_threshold_line():
+def test_persist_lag_panel_has_ten_second_threshold_line() -> None:
     panels = [
         panel
         for panel in iter_panels(load_dashboard()["panels"])
@@ -352,7 +353,7 @@ def test_persist_lag_panel_has_ten_second_threshold_line():
         assert defaults["custom"]["thresholdsStyle"]["mode"] in {"line", "dashed", "line+area"}
 
 
-def test_dashboard_queries_substitutes_variables():
+def test_dashboard_queries_substitutes_variables() -> None:
     queries = dashboard_queries({"$__rate_interval": "30s", "instance": "10.0.0.2:3333"})
     assert queries
     assert all("$" not in query for query in queries)
@@ -361,7 +362,7 @@ def test_dashboard_queries_substitutes_variables():
     assert len(queries) == len(dashboard_queries())
 
 
-def test_substitute_rejects_unknown_variables():
+def test_substitute_rejects_unknown_variables() -> None:
     with pytest.raises(ValueError, match=r"\$cluster"):
         substitute('up{cluster="$cluster"}', DEFAULT_SUBSTITUTIONS)
 
@@ -379,5 +380,5 @@ def test_substitute_rejects_unknown_variables():
         ('max without (pid) (lag{job="a b (c)"}) * 2', {"lag"}),
     ],
 )
-def test_series_names(expr, expected):
+def test_series_names(expr: str, expected: set[str]) -> None:
     assert series_names(expr) == expected

@@ -81,6 +81,13 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     await client.aclose()
 
 
+async def stored(client: redis.asyncio.Redis, key: str) -> bytes:
+    """What Redis holds at ``key``; fails when it holds nothing."""
+    value = await client.get(key)
+    assert isinstance(value, bytes), f"nothing at {key}"
+    return value
+
+
 async def create_user(client: Client, address: str, password: str = PASSWORD) -> str:
     response = await client.post("/api/users", json={"email": address, "password": password})
     assert response.status == 201, await response.text()
@@ -259,7 +266,7 @@ async def test_a_session_in_use_is_refreshed_before_it_expires(
     sid = await login(api, address)
     assert await whoami(api, sid) == 200  # the first read caches it
     misses = await app_metric(api, 'session_cache_lookups_total{result="miss"}')
-    before = orjson.loads(await redis_client.get(redis_key(api, sid)))["session"]["last_seen"]
+    before = orjson.loads(await stored(redis_client, redis_key(api, sid)))["session"]["last_seen"]
     started = time.monotonic()
     while time.monotonic() - started < 3 * sessions.CACHE_TTL_SECONDS:
         assert await whoami(api, sid) == 200
@@ -268,7 +275,7 @@ async def test_a_session_in_use_is_refreshed_before_it_expires(
         "no request of a busy session waited on Redis"
     )
     assert await app_metric(api, 'session_cache_lookups_total{result="refresh"}') >= 2
-    after = orjson.loads(await redis_client.get(redis_key(api, sid)))["session"]["last_seen"]
+    after = orjson.loads(await stored(redis_client, redis_key(api, sid)))["session"]["last_seen"]
     assert after > before, "refreshes move last_seen on (the idle timeout follows use)"
 
 
@@ -489,7 +496,7 @@ async def test_no_spelling_of_an_email_gets_a_second_guess_budget(
     # One count per key, under the key the lookup uses.
     counted = throttle.Subjects.of(emails.email_key("\u0130IA@x.co"), "127.0.0.1").account
     assert counted is not None
-    assert int(await redis_client.get(counted)) == 1
+    assert int(await stored(redis_client, counted)) == 1
     await redis_client.delete(throttle.Subjects.of("iia@x.co", "127.0.0.1").account or "")
     response = await api.post(
         "/api/sessions", json={"email": "\uff49IA@x.co", "password": PASSWORD}
@@ -565,9 +572,10 @@ async def test_account_brute_force_is_throttled_then_forgiven(
         assert 0 < int(response.headers["Retry-After"]) <= throttle.WINDOW_SECONDS
 
     # No permanent lockout: the count lives for one window, then Redis drops it.
-    subjects = throttle.Subjects.of(address, "127.0.0.1")
-    assert 0 < await redis_client.pttl(subjects.account) <= throttle.WINDOW_SECONDS * 1000
-    await redis_client.delete(subjects.account)  # as if the window had passed
+    account = throttle.Subjects.of(address, "127.0.0.1").account
+    assert account is not None
+    assert 0 < await redis_client.pttl(account) <= throttle.WINDOW_SECONDS * 1000
+    await redis_client.delete(account)  # as if the window had passed
     await login(api, address)
     metrics = await (await api.get("/metrics")).text()
     assert f'session_logins_total{{outcome="failure"}} {throttle.ACCOUNT_LIMIT}.0' in metrics
@@ -583,10 +591,11 @@ async def test_a_success_clears_the_account_count(
         response = await api.post("/api/sessions", json={"email": address, "password": "nope-nope"})
         assert response.status == 401
     subjects = throttle.Subjects.of(address, "127.0.0.1")
-    assert int(await redis_client.get(subjects.address)) == 2
+    assert int(await stored(redis_client, subjects.address)) == 2
     await login(api, address)
+    assert subjects.account is not None
     assert not await redis_client.exists(subjects.account)
-    assert int(await redis_client.get(subjects.address)) == 2  # the success took its own back
+    assert int(await stored(redis_client, subjects.address)) == 2  # the success took its own back
 
 
 async def fill_address_budget(client: redis.asyncio.Redis, address: str) -> None:

