@@ -10,10 +10,14 @@ reuse_port), and a handler that only reads the body, parses and validates it lik
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from minimal import MAX_BODY_BYTES, main_for, read_increment
+if TYPE_CHECKING:  # mypy reads bench/ as the package it is
+    from bench.minimal import MAX_BODY_BYTES, main_for, read_increment
+else:  # run by path, as a script: its neighbour is a top-level module
+    from minimal import MAX_BODY_BYTES, main_for, read_increment
 
 ACCEPTED = 202
 

@@ -44,7 +44,7 @@ from tests.support.processes import ServiceProcess, service_env
 from bench import openloop
 from bench.config import BENCH_DIR, log
 from bench.driving import metric_sum
-from bench.flush import migrate
+from bench.servers import migrate
 
 LUA = BENCH_DIR / "variants.lua"
 SYSTEMS = ("single", "batch", "keyed", "durable")

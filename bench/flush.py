@@ -9,7 +9,9 @@ The time includes what the service pays at flush: asyncpg encoding the two array
 statement, and its commit. A warm-up batch first prepares the statement on the connection, as
 the service's pooled connections have it prepared after their first flush.
 
-    python bench/flush.py --database-url postgresql://postgres@127.0.0.1:5432/bench_flush
+    python -m bench.flush --database-url postgresql://postgres@127.0.0.1:5432/bench_flush
+
+(bench.run runs it by path, ``--no-migrate``, in a process of its own: see run_flush_process.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -54,16 +55,6 @@ class FlushResult:
             "median_s": round(self.median_s, 4),
             "rows_per_s": round(self.rows_per_s),
         }
-
-
-def migrate(database_url: str) -> None:
-    """Apply the service's schema with its own command."""
-    subprocess.run(
-        [sys.executable, "-m", "increment_service", "migrate"],
-        env={**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"},
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
 
 
 def make_batch(seq: int, keys: list[str]) -> Batch:
@@ -166,6 +157,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     if not args.no_migrate:
+        from bench.servers import migrate  # run as a module, from the repository root
+
         migrate(args.database_url)
     sizes = [int(s) for s in args.sizes.split(",")]
     results = asyncio.run(run_flush_bench(args.database_url, sizes, args.repeats))

@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aiohttp import web
 
-from minimal import MAX_BODY_BYTES, parse_args, read_increment, run_workers, serve
+if TYPE_CHECKING:  # mypy reads bench/ as the package it is
+    from bench.minimal import MAX_BODY_BYTES, parse_args, read_increment, run_workers, serve
+else:  # run by path, as a script: its neighbour is a top-level module
+    from minimal import MAX_BODY_BYTES, parse_args, read_increment, run_workers, serve
 
 ACCEPTED = 202
 TABLE_SQL = """

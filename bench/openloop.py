@@ -111,7 +111,9 @@ class Latency:
         ordered = sorted(seconds)
 
         def at(p: float) -> float:
-            return round(1000 * percentile(ordered, p, presorted=True), 3)
+            value = percentile(ordered, p, presorted=True)
+            assert value is not None  # ordered has values
+            return round(1000 * value, 3)
 
         return cls(at(50), at(90), at(99), at(99.9), round(1000 * ordered[-1], 3))
 

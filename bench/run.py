@@ -242,6 +242,7 @@ async def run_open_loops(
     fractions of the service's wrk throughput at this worker count and 1,000 keys (this run's,
     else a wrk run of --duration seconds now). Returns the runs and how the rates were chosen."""
     workers = service.workers
+    rates: list[tuple[float, float | None]]  # (requests/s, fraction of the wrk throughput)
     if config.open_rates:
         rates = [(rate, None) for rate in config.open_rates]
         basis = "rates given (--open-rates)"

@@ -30,7 +30,6 @@ from bench.config import (
     STRICT,
     Config,
 )
-from bench.flush import migrate
 
 SCRIPTS = {BARE: "bare.py", STRICT: "ceiling.py", NAIVE: "naive.py"}
 
@@ -139,6 +138,16 @@ async def wait_ready(server: Server, session: aiohttp.ClientSession, within: flo
                         return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{server.system} not ready within {within}s; see {server.log_path}")
+
+
+def migrate(database_url: str) -> None:
+    """Apply the service's schema with its own command."""
+    subprocess.run(
+        [sys.executable, "-m", "increment_service", "migrate"],
+        env={**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 async def prepare_databases(config: Config) -> None:

@@ -13,20 +13,23 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
-from increment_service import embedded
+from increment_service import appkeys, embedded
 from increment_service.app import create_app
 from increment_service.db import migrate
 from increment_service.settings import Settings
-from tests.support.postgres import PgCluster, with_database
+from tests.support.compose import compose_file, compose_interpolate_all
+from tests.support.inprocess import Client, MakeReplica, Proxied
+from tests.support.postgres import CuttingProxy, PgCluster, database_name, with_database
+from tests.support.processes import MakeService, ServiceProcess, service_env
 
 BACKEND = os.environ.get("TEST_BACKEND", "local")
 
@@ -120,7 +123,7 @@ def settings(clean: None, database_url: str, redis_url: str, tmp_path: Path) -> 
 
 
 @pytest.fixture
-async def client(aiohttp_client, settings: Settings) -> TestClient:  # type: ignore[no-untyped-def]
+async def client(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
     return await aiohttp_client(create_app(settings))
 
 
@@ -147,14 +150,54 @@ def cluster() -> Iterator[PgCluster]:
 
 
 @pytest.fixture
-async def replica(aiohttp_client, settings: Settings) -> Any:  # type: ignore[no-untyped-def]
+async def replica(aiohttp_client: AiohttpClient, settings: Settings) -> MakeReplica:
     """Makes replicas (apps) of the test database whose timer never flushes during a test
     (9 s): the test flushes by hand, and only durable groups commit by themselves.
     ``replica(**changes)`` overrides settings."""
 
-    async def make(**changes: Any) -> TestClient:
+    async def make(**changes: Any) -> Client:
         app = create_app(dataclasses.replace(settings, flush_interval_seconds=9, **changes))
-        client: TestClient = await aiohttp_client(app)
-        return client
+        return await aiohttp_client(app)
 
     return make
+
+
+@pytest.fixture
+async def proxied(
+    settings: Settings, database_url: str, aiohttp_client: AiohttpClient
+) -> AsyncIterator[Proxied]:
+    """A replica (an app, its timer as ``replica``'s) whose Postgres connections go through a
+    CuttingProxy, which the test may arm to swallow a commit's answer."""
+    async with CuttingProxy(database_url) as proxy:
+        through_proxy = dataclasses.replace(
+            settings, database_url=proxy.url(database_name(database_url)), flush_interval_seconds=9
+        )
+        client = await aiohttp_client(create_app(through_proxy))
+        try:
+            yield Proxied(client, proxy, client.app[appkeys.WRITE_BEHIND])
+        finally:
+            proxy.refusing = False
+            await client.close()  # before the proxy goes: the pool closes its connections
+
+
+@pytest.fixture
+def make_service(clean: None, database_url: str, redis_url: str, tmp_path: Path) -> MakeService:
+    """``make_service(**env)``: the service as a process of its own (not started yet) on the
+    test database and Redis, with ``env`` added to service_env's and its log in
+    tmp_path/service.log; ``wrapper=[...]``, a command it runs under (ServiceProcess's)."""
+
+    def make(wrapper: Sequence[str] = (), **env: str) -> ServiceProcess:
+        return ServiceProcess(
+            service_env(database_url, redis_url, tmp_path, **env),
+            tmp_path / "service.log",
+            wrapper=wrapper,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """docker-compose.yml as compose sees it with no .env: every default applied."""
+    interpolated: dict[str, Any] = compose_interpolate_all(compose_file(), {})
+    return interpolated

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 
 import asyncpg
 import jsonschema
 import pytest
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from increment_service import appkeys, db
 from increment_service.app import create_app
-from increment_service.sessions import COOKIE_NAME
 from increment_service.settings import Settings
+from tests.support.api import signed_in
+from tests.support.inprocess import Client, base_url
 from tests.support.net import JSON, free_port
+from tests.support.postgres import counters
+from tests.support.problems import problem_type
 
 
-async def test_increment_is_accepted_then_persisted(
-    client: TestClient, pg: asyncpg.Connection
-) -> None:
+async def test_increment_is_accepted_then_persisted(client: Client, pg: asyncpg.Connection) -> None:
     for value in (5, 7, -2):
         response = await client.post("/increment", json={"key": "apples", "value": value})
         assert response.status == 202
@@ -30,7 +30,7 @@ async def test_increment_is_accepted_then_persisted(
     assert row["value"] == 10
 
 
-async def test_health_reports_each_dependency(client: TestClient) -> None:
+async def test_health_reports_each_dependency(client: Client) -> None:
     for path in ("/health", "/api/health"):
         response = await client.get(path)
         assert response.status == 200
@@ -43,8 +43,8 @@ async def test_health_reports_each_dependency(client: TestClient) -> None:
 
 
 async def test_health_is_503_when_dependencies_are_unreachable(
-    aiohttp_client, settings: Settings
-) -> None:  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, settings: Settings
+) -> None:
     closed = free_port()
     app = create_app(
         dataclasses.replace(
@@ -67,8 +67,8 @@ async def test_health_is_503_when_dependencies_are_unreachable(
 
 
 async def test_backpressure_refuses_new_keys_with_503_and_retry_after(
-    aiohttp_client, settings: Settings, pg: asyncpg.Connection
-) -> None:  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, settings: Settings, pg: asyncpg.Connection
+) -> None:
     client = await aiohttp_client(
         create_app(dataclasses.replace(settings, max_pending_keys=3, flush_interval_seconds=9))
     )
@@ -78,7 +78,7 @@ async def test_backpressure_refuses_new_keys_with_503_and_retry_after(
     assert refused.status == 503
     assert refused.headers["Retry-After"] == "1"
     assert refused.content_type == "application/problem+json"
-    assert (await refused.json(content_type=None))["type"].endswith(":backpressure")
+    assert await problem_type(refused) == "backpressure"
     # A key already pending is still counted.
     assert (await client.post("/increment", json={"key": "a", "value": 1})).status == 202
     health = await client.get("/api/health")
@@ -93,7 +93,7 @@ async def test_backpressure_refuses_new_keys_with_503_and_retry_after(
     assert [(r["key"], r["value"]) for r in rows] == [("a", 2), ("b", 1), ("c", 1), ("d", 1)]
 
 
-async def test_guarded_routes_need_a_session(client: TestClient) -> None:
+async def test_guarded_routes_need_a_session(client: Client) -> None:
     increment = await client.post("/api/increment", json={"key": "a", "value": 1})
     assert increment.status == 401
     assert increment.content_type == "application/problem+json"
@@ -102,14 +102,16 @@ async def test_guarded_routes_need_a_session(client: TestClient) -> None:
     assert client.app[appkeys.WRITE_BEHIND].aggregator.is_empty
 
 
-async def test_increment_auth_session_guards_increment(aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+async def test_increment_auth_session_guards_increment(
+    aiohttp_client: AiohttpClient, settings: Settings
+) -> None:
     client = await aiohttp_client(
         create_app(dataclasses.replace(settings, increment_auth="session"))
     )
     assert (await client.post("/increment", json={"key": "a", "value": 1})).status == 401
 
 
-async def test_metrics_count_requests_by_route_template(client: TestClient) -> None:
+async def test_metrics_count_requests_by_route_template(client: Client) -> None:
     for _ in range(3):
         await client.post("/increment", json={"key": "m", "value": 1})
     await client.post("/increment", json={"key": "m"})
@@ -129,7 +131,7 @@ async def test_metrics_count_requests_by_route_template(client: TestClient) -> N
     assert "increment_pending_keys 0.0" in text
 
 
-async def test_request_id_is_echoed_or_made(client: TestClient) -> None:
+async def test_request_id_is_echoed_or_made(client: Client) -> None:
     given = await client.get("/livez", headers={"X-Request-ID": "abc-123"})
     assert given.headers["X-Request-ID"] == "abc-123"
     made = await client.get("/livez", headers={"X-Request-ID": "x" * 500})
@@ -138,7 +140,7 @@ async def test_request_id_is_echoed_or_made(client: TestClient) -> None:
     assert made.headers["X-Request-ID"] != other.headers["X-Request-ID"]
 
 
-async def test_openapi_documents_exactly_the_routes(client: TestClient) -> None:
+async def test_openapi_documents_exactly_the_routes(client: Client) -> None:
     response = await client.get("/api/openapi.json")
     assert response.status == 200
     document = await response.json()
@@ -156,7 +158,7 @@ async def test_openapi_documents_exactly_the_routes(client: TestClient) -> None:
     assert documented == routed
 
 
-async def test_problem_bodies_match_the_documented_schema(client: TestClient) -> None:
+async def test_problem_bodies_match_the_documented_schema(client: Client) -> None:
     document = await (await client.get("/api/openapi.json")).json()
     schema = {**document["components"]["schemas"]["Problem"], "$defs": {}}
     for response in (
@@ -173,8 +175,8 @@ def test_create_app_needs_both_urls(settings: Settings) -> None:
 
 
 async def test_a_sum_too_big_for_bigint_is_rejected_and_the_rest_persisted(
-    aiohttp_client, settings: Settings, pg: asyncpg.Connection
-) -> None:  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, settings: Settings, pg: asyncpg.Connection
+) -> None:
     # No background flush during the burst: the sum of one interval must leave bigint.
     client = await aiohttp_client(
         create_app(dataclasses.replace(settings, flush_interval_seconds=9))
@@ -184,32 +186,22 @@ async def test_a_sum_too_big_for_bigint_is_rejected_and_the_rest_persisted(
         assert (await client.post("/increment", json={"key": "huge", "value": big})).status == 202
     assert (await client.post("/increment", json={"key": "fine", "value": 1})).status == 202
     await client.app[appkeys.WRITE_BEHIND].flush()
-    rows = await pg.fetch("SELECT key, value FROM counters")
-    assert {r["key"]: r["value"] for r in rows} == {"fine": 1}
+    assert await counters(pg) == {"fine": 1}
     text = await (await client.get("/metrics")).text()
     assert "increment_overflow_rejected_total 1.0" in text
 
 
-async def session_headers(client: TestClient) -> dict[str, str]:
-    """A new user's session cookie, as a header (sessions live in Redis: any replica takes it)."""
-    credentials = {"email": f"user-{uuid.uuid4().hex[:12]}@example.com", "password": "p" * 12}
-    assert (await client.post("/api/users", json=credentials)).status == 201
-    response = await client.post("/api/sessions", json=credentials)
-    assert response.status == 201
-    return {"Cookie": f"{COOKIE_NAME}={response.cookies[COOKIE_NAME].value}"}
-
-
 @pytest.mark.parametrize("path", ["a%00", "a%00b", "%0a", "a%C2%85", "a%ED%A0%80"])
-async def test_a_key_no_counter_can_have_is_404(client: TestClient, path: str) -> None:
-    response = await client.get(f"/api/counters/{path}", headers=await session_headers(client))
+async def test_a_key_no_counter_can_have_is_404(client: Client, path: str) -> None:
+    response = await client.get(f"/api/counters/{path}", headers=await signed_in(base_url(client)))
     assert response.status == 404
     assert response.content_type == "application/problem+json"
 
 
 async def test_counters_while_postgres_is_down_are_503(
-    aiohttp_client, client: TestClient, settings: Settings
-) -> None:  # type: ignore[no-untyped-def]
-    headers = await session_headers(client)
+    aiohttp_client: AiohttpClient, client: Client, settings: Settings
+) -> None:
+    headers = await signed_in(base_url(client))
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
     down = await aiohttp_client(create_app(dataclasses.replace(settings, database_url=closed)))
     response = await down.get("/api/counters/x", headers=headers)
@@ -219,9 +211,9 @@ async def test_counters_while_postgres_is_down_are_503(
 
 
 async def test_counters_behind_a_lock_are_503_after_the_request_timeout(
-    client: TestClient, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+    client: Client, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    headers = await session_headers(client)
+    headers = await signed_in(base_url(client))
     monkeypatch.setattr(db, "REQUEST_TIMEOUT_SECONDS", 0.5)
     async with pg.transaction():
         await pg.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")

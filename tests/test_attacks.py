@@ -20,18 +20,14 @@ import pytest
 from tests.support.logs import json_log_lines
 from tests.support.metrics import scrape_metric
 from tests.support.net import http_get
-from tests.support.processes import ServiceProcess, running, service_env
+from tests.support.processes import MakeService, ServiceProcess, running
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def service(
-    clean: None, database_url: str, redis_url: str, tmp_path: Path
-) -> Iterator[ServiceProcess]:
-    with running(
-        ServiceProcess(service_env(database_url, redis_url, tmp_path), tmp_path / "service.log")
-    ) as running_service:
+def service(make_service: MakeService) -> Iterator[ServiceProcess]:
+    with running(make_service()) as running_service:
         yield running_service
 
 
@@ -122,14 +118,10 @@ def test_malformed_requests_are_a_warning_line_each_and_counted(
 
 
 def test_running_out_of_file_descriptors_is_logged_once_and_survived(
-    clean: None, database_url: str, redis_url: str, tmp_path: Path
+    make_service: MakeService,
 ) -> None:
     soft, hard = 64, 160
-    service = ServiceProcess(
-        service_env(database_url, redis_url, tmp_path),
-        tmp_path / "service.log",
-        wrapper=["prlimit", f"--nofile={soft}:{hard}", "--"],
-    )
+    service = make_service(wrapper=["prlimit", f"--nofile={soft}:{hard}", "--"])
     with running(service):
         # Start-up raised the soft limit to the hard one.
         assert scrape_metric(service.url, "process_max_fds") == hard
@@ -167,13 +159,8 @@ def test_running_out_of_file_descriptors_is_logged_once_and_survived(
     assert events.count("fd-recovered") == 1
 
 
-def test_a_path_cannot_forge_a_console_log_line(
-    clean: None, database_url: str, redis_url: str, tmp_path: Path
-) -> None:
-    service = ServiceProcess(
-        service_env(database_url, redis_url, tmp_path, LOG_FORMAT="console", ACCESS_LOG="true"),
-        tmp_path / "service.log",
-    )
+def test_a_path_cannot_forge_a_console_log_line(make_service: MakeService) -> None:
+    service = make_service(LOG_FORMAT="console", ACCESS_LOG="true")
     forged = "12:00:00.000 ERROR   increment_service: forged"
     with running(service):
         path = "/nope%0a" + forged.replace(" ", "%20") + "%0d%0b%1b[31m"
@@ -188,12 +175,9 @@ def test_a_path_cannot_forge_a_console_log_line(
 
 
 def test_access_log_sample_logs_one_success_in_n_and_every_failure(
-    clean: None, database_url: str, redis_url: str, tmp_path: Path
+    make_service: MakeService,
 ) -> None:
-    service = ServiceProcess(
-        service_env(database_url, redis_url, tmp_path, ACCESS_LOG="sample:4"),
-        tmp_path / "service.log",
-    )
+    service = make_service(ACCESS_LOG="sample:4")
     with running(service):
         for n in range(12):
             body = json.dumps({"key": f"k{n}", "value": 1}).encode()

@@ -11,40 +11,30 @@ import asyncio
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from increment_service import appkeys
 from increment_service.app import create_app
 from increment_service.settings import Settings
+from tests.support.inprocess import MakeReplica, Proxied
+from tests.support.metrics import app_metric
 from tests.support.polling import eventually
-from tests.support.postgres import CuttingProxy, PgCluster, database_name, persisted
-from tests.support.processes import ServiceProcess, running, service_env
+from tests.support.postgres import PgCluster, counters, persisted
+from tests.support.problems import problem_type
+from tests.support.processes import MakeService, running
 
 pytestmark = pytest.mark.timeout(90)
 
-Client = TestClient[Any, Any]
 DURABLE = {"Prefer": "durable"}
 INT64_MAX = 2**63 - 1
 
 
-async def counters(pg: asyncpg.Connection) -> dict[str, int]:
-    return {r["key"]: r["value"] for r in await pg.fetch("SELECT key, value FROM counters")}
-
-
-async def problem_type(response: aiohttp.ClientResponse) -> str:
-    body = await response.json(content_type=None)
-    return str(body["type"]).rsplit(":", 1)[-1]
-
-
 async def test_a_durable_increment_is_committed_when_answered(
-    replica: Any, pg: asyncpg.Connection
+    replica: MakeReplica, pg: asyncpg.Connection
 ) -> None:
     client = await replica()
     response = await client.post("/increment", json={"key": "d", "value": 3}, headers=DURABLE)
@@ -64,7 +54,7 @@ async def test_a_durable_increment_is_committed_when_answered(
 
 
 async def test_waiting_durable_requests_commit_together(
-    replica: Any, pg: asyncpg.Connection
+    replica: MakeReplica, pg: asyncpg.Connection
 ) -> None:
     client = await replica()
     responses = await asyncio.gather(
@@ -75,12 +65,7 @@ async def test_waiting_durable_requests_commit_together(
     )
     assert [r.status for r in responses] == [204] * 60
     assert sum((await counters(pg)).values()) == 60
-    text = await (await client.get("/metrics")).text()
-    groups = next(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("increment_durable_group_size_count ")
-    )
+    groups = await app_metric(client, "increment_durable_group_size_count")
     assert groups < 60, "requests that waited together were committed together"
     assert await pg.fetchval(
         "SELECT count(*) FROM applied_batches WHERE replica_id LIKE '%/durable'"
@@ -88,9 +73,9 @@ async def test_waiting_durable_requests_commit_together(
 
 
 async def test_postgres_down_before_a_group_is_sent_is_503_and_nothing_applied(
-    cluster: PgCluster, settings: Settings, aiohttp_client: Any
+    cluster: PgCluster, settings: Settings, aiohttp_client: AiohttpClient
 ) -> None:
-    client: Client = await aiohttp_client(
+    client = await aiohttp_client(
         create_app(
             dataclasses.replace(settings, database_url=cluster.url, flush_interval_seconds=9)
         )
@@ -119,26 +104,10 @@ async def test_postgres_down_before_a_group_is_sent_is_503_and_nothing_applied(
     assert await persisted(cluster.url) == {"never": 1}
 
 
-@pytest.fixture
-async def proxied(
-    settings: Settings, database_url: str, aiohttp_client: Any
-) -> AsyncIterator[tuple[Client, CuttingProxy]]:
-    async with CuttingProxy(database_url) as proxy:
-        through = dataclasses.replace(
-            settings, database_url=proxy.url(database_name(database_url)), flush_interval_seconds=9
-        )
-        client: Client = await aiohttp_client(create_app(through))
-        try:
-            yield client, proxy
-        finally:
-            proxy.refusing = False
-            await client.close()
-
-
 async def test_a_commit_whose_answer_is_lost_is_503_unknown_then_applied_once(
-    proxied: tuple[Client, CuttingProxy], pg: asyncpg.Connection
+    proxied: Proxied, pg: asyncpg.Connection
 ) -> None:
-    client, proxy = proxied
+    client, proxy = proxied.client, proxied.proxy
     keyed = {**DURABLE, "Idempotency-Key": "cut"}
     # Warm up: the pooled connection has the statement prepared, so the next group is one
     # request on it, the one the proxy lets through and whose answer it swallows.
@@ -155,7 +124,7 @@ async def test_a_commit_whose_answer_is_lost_is_503_unknown_then_applied_once(
     # The replica keeps retrying the group under its id; once Postgres is reachable again
     # the retry finds it applied and adds nothing.
     proxy.refusing = False
-    write_behind = client.app[appkeys.WRITE_BEHIND]
+    write_behind = proxied.write_behind
 
     async def settled() -> bool:
         return not write_behind.committing
@@ -168,7 +137,7 @@ async def test_a_commit_whose_answer_is_lost_is_503_unknown_then_applied_once(
 
 
 async def test_an_item_that_would_leave_bigint_is_named_in_the_answer(
-    replica: Any, pg: asyncpg.Connection
+    replica: MakeReplica, pg: asyncpg.Connection
 ) -> None:
     await pg.execute("INSERT INTO counters VALUES ('edge', $1, now())", INT64_MAX - 5)
     client = await replica()
@@ -185,7 +154,7 @@ async def test_an_item_that_would_leave_bigint_is_named_in_the_answer(
 
 
 async def test_a_key_waiting_for_its_commit_is_409_then_the_same_204(
-    replica: Any, pg: asyncpg.Connection, database_url: str
+    replica: MakeReplica, pg: asyncpg.Connection, database_url: str
 ) -> None:
     client = await replica(durable_timeout_seconds=3)
     keyed = {**DURABLE, "Idempotency-Key": "slow"}
@@ -222,12 +191,9 @@ async def test_a_key_waiting_for_its_commit_is_409_then_the_same_204(
 
 
 async def test_a_durable_204_survives_sigkill_of_the_replica(
-    clean: None, database_url: str, redis_url: str, tmp_path: Path
+    make_service: MakeService, database_url: str
 ) -> None:
-    service = ServiceProcess(
-        service_env(database_url, redis_url, tmp_path, FLUSH_INTERVAL_SECONDS="9"),
-        tmp_path / "service.log",
-    )
+    service = make_service(FLUSH_INTERVAL_SECONDS="9")
     with running(service):
         async with aiohttp.ClientSession() as session:
             for n in range(20):
@@ -248,18 +214,12 @@ async def test_a_durable_204_survives_sigkill_of_the_replica(
 
 
 async def test_sigterm_answers_every_waiting_durable_request_before_exit(
-    clean: None, database_url: str, redis_url: str, tmp_path: Path
+    make_service: MakeService, database_url: str
 ) -> None:
     durable_timeout, shutdown_timeout = 2.0, 6.0
-    service = ServiceProcess(
-        service_env(
-            database_url,
-            redis_url,
-            tmp_path,
-            DURABLE_TIMEOUT_SECONDS=str(durable_timeout),
-            SHUTDOWN_TIMEOUT_SECONDS=str(shutdown_timeout),
-        ),
-        tmp_path / "service.log",
+    service = make_service(
+        DURABLE_TIMEOUT_SECONDS=str(durable_timeout),
+        SHUTDOWN_TIMEOUT_SECONDS=str(shutdown_timeout),
     )
     holder = await asyncpg.connect(database_url)
     with running(service):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import random
 import signal
 import time
@@ -28,7 +27,7 @@ import pytest
 
 from increment_service.client import IncrementClient, IncrementFailed
 from tests.support.load import Traffic
-from tests.support.logs import json_log_lines
+from tests.support.logs import last_applied_freeze
 from tests.support.nginx import nginx_binary
 from tests.support.polling import eventually
 from tests.support.postgres import PgCluster, persisted, wait_until_no_other_backends
@@ -209,16 +208,8 @@ async def test_plain_202s_through_sigkill_lose_at_most_what_was_unflushed(
     # before the kill: the most it may have lost (0.1 s of slack for log timestamps).
     unflushed: Counter[str] = Counter()
     for replica, killed_wall, killed_at in killed:
-        flushes = [
-            e
-            for e in json_log_lines(replica.log())
-            if e.get("event") == "flush"
-            and e.get("outcome") == "applied"
-            and _wall(e["ts"]) <= killed_wall
-        ]
-        last_freeze = (
-            _wall(flushes[-1]["ts"]) - float(str(flushes[-1]["duration"])) if flushes else 0.0
-        )
+        frozen = last_applied_freeze(replica.log(), killed_wall)
+        last_freeze = 0.0 if frozen is None else frozen
         for sent in traffic.acks:
             answered_wall = killed_wall - (killed_at - sent.answered_at)
             if (
@@ -238,7 +229,3 @@ async def test_plain_202s_through_sigkill_lose_at_most_what_was_unflushed(
         f" by the {len(killed)} killed replicas after their last flush); statuses"
         f" {dict(traffic.statuses())}"
     )
-
-
-def _wall(ts: object) -> float:
-    return dt.datetime.fromisoformat(str(ts)).timestamp()

@@ -13,37 +13,30 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from increment_service import appkeys
 from increment_service.app import create_app
 from increment_service.settings import Settings
-from increment_service.writebehind import APPLY_BATCH_SQL, WriteBehind
+from tests.support.inprocess import Client, Proxied, base_url
 from tests.support.load import Traffic
-from tests.support.logs import json_log_lines
-from tests.support.metrics import metric_value
+from tests.support.logs import applied_flushes, json_log_lines
+from tests.support.metrics import app_metric
 from tests.support.net import tcp_listeners
 from tests.support.polling import eventually
 from tests.support.postgres import (
-    CuttingProxy,
     PgCluster,
     database_name,
     persisted,
     wait_until_no_other_backends,
     wait_until_persisted,
 )
-from tests.support.processes import ServiceProcess, running, service_env
+from tests.support.processes import MakeService, running
 
 pytestmark = pytest.mark.timeout(60)
-
-Client = TestClient[web.Request, web.Application]
 
 INT64_MAX = 2**63 - 1
 MAX_VALUE = 2**53 - 1  # the largest increment the API accepts
@@ -62,25 +55,9 @@ WHERE terminated
 # --- helpers --------------------------------------------------------------------------------
 
 
-def base_url(client: Client) -> str:
-    return str(client.make_url("")).rstrip("/")
-
-
 async def increment(client: Client, key: str, value: int) -> None:
     response = await client.post("/increment", json={"key": key, "value": value})
     assert response.status == 202, await response.text()
-
-
-async def metrics(client: Client) -> str:
-    response = await client.get("/metrics")
-    assert response.status == 200
-    return await response.text()
-
-
-async def metric(client: Client, sample: str) -> float:
-    value = metric_value(await metrics(client), sample)
-    assert value is not None, f"/metrics has no {sample}"
-    return value
 
 
 def flush_records(records: list[logging.LogRecord]) -> list[tuple[int, str]]:
@@ -96,11 +73,11 @@ def flush_records(records: list[logging.LogRecord]) -> list[tuple[int, str]]:
 
 
 async def test_postgres_stopped_and_started_under_traffic_loses_nothing(
-    cluster: PgCluster, settings: Settings, aiohttp_client: Any
+    cluster: PgCluster, settings: Settings, aiohttp_client: AiohttpClient
 ) -> None:
     # The suite's test settings, pointed at the cluster this test may stop.
     outage = dataclasses.replace(settings, database_url=cluster.url, replica_id="pg-outage")
-    client: Client = await aiohttp_client(create_app(outage))
+    client = await aiohttp_client(create_app(outage))
     aggregator = client.app[appkeys.WRITE_BEHIND].aggregator
 
     async def some_persisted() -> bool:
@@ -127,7 +104,7 @@ async def test_postgres_stopped_and_started_under_traffic_loses_nothing(
         assert body["checks"]["redis"] == "ok"
 
         async def flushes_fail() -> bool:
-            return await metric(client, "increment_flush_failures_total") >= 2
+            return await app_metric(client, "increment_flush_failures_total") >= 2
 
         await eventually(flushes_fail, "flushes fail while Postgres is down")
         await traffic.wait_for_acks(stopped_at + 300)
@@ -144,10 +121,10 @@ async def test_postgres_stopped_and_started_under_traffic_loses_nothing(
     assert traffic.acknowledged() == traffic.attempted()
     got = await wait_until_persisted(cluster.url, traffic.acknowledged())
     assert got == dict(traffic.acknowledged())
-    assert await metric(client, "increment_flush_failures_total") > 0
+    assert await app_metric(client, "increment_flush_failures_total") > 0
 
     async def nothing_pending() -> bool:
-        return await metric(client, "increment_pending_keys") == 0 and aggregator.is_empty
+        return await app_metric(client, "increment_pending_keys") == 0 and aggregator.is_empty
 
     await eventually(nothing_pending, "the replica holds nothing unpersisted")
 
@@ -194,47 +171,6 @@ async def test_connections_terminated_by_the_server_lose_and_double_nothing(
 # --- 3. Ambiguous commit: the server commits, the client never hears back -----------------
 
 
-@dataclasses.dataclass
-class Proxied:
-    """An in-process service whose Postgres connections go through a CuttingProxy."""
-
-    client: Client
-    proxy: CuttingProxy
-    write_behind: WriteBehind
-
-    async def warm_up(self) -> None:
-        """Flush a first batch: it opens the pooled connection and prepares the statement, so
-        the next flush is a single request on that connection (the one the proxy cuts). The
-        statement a batch with rejections or wide deltas takes is prepared too (an empty
-        batch of its own id)."""
-        await increment(self.client, "warm", 1)
-        assert await self.write_behind.flush()
-        async with self.write_behind.pool.acquire() as conn:
-            await conn.fetchrow(APPLY_BATCH_SQL, "warm-up", 1, "", "", [], [])
-
-    async def flush_with_the_answer_cut(self) -> None:
-        """Flush once through the armed proxy: the server commits, the client's line dies."""
-        self.proxy.armed = True
-        assert not await self.write_behind.flush(), "the client saw its connection die"
-        assert self.proxy.cuts == 1
-
-
-@pytest.fixture
-async def proxied(
-    settings: Settings, database_url: str, aiohttp_client: Any
-) -> AsyncIterator[Proxied]:
-    async with CuttingProxy(database_url) as proxy:
-        # A flush interval longer than any test here: only explicit flush() calls flush.
-        through_proxy = dataclasses.replace(
-            settings, database_url=proxy.url(database_name(database_url)), flush_interval_seconds=9
-        )
-        client: Client = await aiohttp_client(create_app(through_proxy))
-        try:
-            yield Proxied(client, proxy, client.app[appkeys.WRITE_BEHIND])
-        finally:
-            await client.close()  # before the proxy goes: the pool closes its connections
-
-
 async def test_retry_after_an_ambiguous_commit_is_a_no_op(
     proxied: Proxied,
     database_url: str,
@@ -258,7 +194,7 @@ async def test_retry_after_an_ambiguous_commit_is_a_no_op(
     assert await write_behind.flush()
     assert write_behind.aggregator.is_empty
     assert proxied.proxy.cuts == 1
-    assert await metric(client, "increment_flush_failures_total") == 1
+    assert await app_metric(client, "increment_flush_failures_total") == 1
     assert flush_records(caplog.records) == [(1, "applied"), (2, "error"), (2, "already-applied")]
     assert await persisted(database_url) == {"warm": 1, "a": 8, "b": 7}
     rows = await pg.fetch(
@@ -274,24 +210,18 @@ async def test_retry_after_an_ambiguous_commit_is_a_no_op(
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_right_after_a_burst_persists_everything(
-    workers: int, clean: None, database_url: str, redis_url: str, tmp_path: Path
+    workers: int, make_service: MakeService, database_url: str
 ) -> None:
     shutdown_timeout = 10
     # The first flush comes an interval after start-up: the burst is still in memory when
     # SIGTERM comes. 9 s rather than 5: on a loaded 2-core machine start-up plus the burst
     # sometimes took more than 5 s, and the timer, not the final flush, persisted the burst.
     interval = 9
-    service = ServiceProcess(
-        service_env(
-            database_url,
-            redis_url,
-            tmp_path,
-            FLUSH_INTERVAL_SECONDS=str(interval),
-            SHUTDOWN_TIMEOUT_SECONDS=str(shutdown_timeout),
-            WORKERS=str(workers),
-            REPLICA_ID=f"sigterm-{workers}",
-        ),
-        tmp_path / "service.log",
+    service = make_service(
+        FLUSH_INTERVAL_SECONDS=str(interval),
+        SHUTDOWN_TIMEOUT_SECONDS=str(shutdown_timeout),
+        WORKERS=str(workers),
+        REPLICA_ID=f"sigterm-{workers}",
     )
     items = [(f"burst-{i % 700}", 1 + i % 9) for i in range(3500)]
     spawned_at = time.monotonic()
@@ -330,30 +260,14 @@ async def test_sigterm_right_after_a_burst_persists_everything(
 
 
 async def test_sigkill_loses_at_most_the_unflushed_interval(
-    clean: None, database_url: str, redis_url: str, tmp_path: Path
+    make_service: MakeService, database_url: str
 ) -> None:
     interval = 1.0
     margin = 1.0
-    service = ServiceProcess(
-        service_env(
-            database_url,
-            redis_url,
-            tmp_path,
-            FLUSH_INTERVAL_SECONDS=str(interval),
-            REPLICA_ID="sigkill",
-        ),
-        tmp_path / "service.log",
-    )
-
-    def applied_flushes() -> int:
-        return sum(
-            1
-            for e in json_log_lines(service.log())
-            if e.get("event") == "flush" and e.get("outcome") == "applied"
-        )
+    service = make_service(FLUSH_INTERVAL_SECONDS=str(interval), REPLICA_ID="sigkill")
 
     async def three_flushes() -> bool:
-        return applied_flushes() >= 3
+        return len(applied_flushes(service.log())) >= 3
 
     try:
         service.start()
@@ -399,12 +313,12 @@ async def test_counter_at_the_edge_of_bigint_is_rejected_and_the_flusher_carries
     settings: Settings,
     database_url: str,
     pg: asyncpg.Connection,
-    aiohttp_client: Any,
+    aiohttp_client: AiohttpClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="increment_service.writebehind")
     # Flushed explicitly, so both increments are surely in one batch.
-    client: Client = await aiohttp_client(
+    client = await aiohttp_client(
         create_app(dataclasses.replace(settings, flush_interval_seconds=9))
     )
     write_behind = client.app[appkeys.WRITE_BEHIND]
@@ -435,8 +349,8 @@ async def test_counter_at_the_edge_of_bigint_is_rejected_and_the_flusher_carries
     await increment(client, "neighbour", 2)
     assert await write_behind.flush()
     assert await persisted(database_url) == {"near-max": near_max - 5, "neighbour": 3}
-    assert await metric(client, "increment_overflow_rejected_total") == 1
-    assert await metric(client, "increment_flush_failures_total") == 0
+    assert await app_metric(client, "increment_overflow_rejected_total") == 1
+    assert await app_metric(client, "increment_flush_failures_total") == 0
 
 
 async def test_a_delta_wider_than_bigint_is_applied_once_across_an_ambiguous_commit(
@@ -463,4 +377,4 @@ async def test_a_delta_wider_than_bigint_is_applied_once_across_an_ambiguous_com
     assert flush_records(caplog.records) == [(1, "applied"), (2, "error"), (2, "already-applied")]
     expected = {"warm": 1, "small": 1, "deep": -(2**62) + traffic.acknowledged()["deep"]}
     assert await persisted(database_url) == expected
-    assert await metric(client, "increment_overflow_rejected_total") == 0
+    assert await app_metric(client, "increment_overflow_rejected_total") == 0

@@ -9,40 +9,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 
 from increment_service import appkeys
 from increment_service.validation.increments import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
 from increment_service.writebehind import Batch, Keyed, apply_batch
-from tests.support.net import JSON
-
-Client = TestClient[Any, Any]
+from tests.support.api import signed_in
+from tests.support.inprocess import Client, MakeReplica, base_url
+from tests.support.metrics import app_metric
+from tests.support.net import JSON, chunked_increment
+from tests.support.postgres import counters
+from tests.support.problems import problem_type
 
 
 def key_header(key: str) -> dict[str, str]:
     return {"Idempotency-Key": key}
 
 
-async def counters(pg: asyncpg.Connection) -> dict[str, int]:
-    return {r["key"]: r["value"] for r in await pg.fetch("SELECT key, value FROM counters")}
-
-
 async def flush(*clients: Client) -> None:
     for client in clients:
         assert await client.app[appkeys.WRITE_BEHIND].flush()
-
-
-async def metric(client: Client, sample: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {sample} in /metrics")
 
 
 # --- batches --------------------------------------------------------------------------------
@@ -59,7 +48,7 @@ async def test_a_batch_is_applied_whole_and_repeated_keys_are_summed(
     assert await response.read() == b""
     await flush(client)
     assert await counters(pg) == {"a": 3, "b": 5}
-    assert await metric(client, "increments_total") == 3
+    assert await app_metric(client, "increments_total") == 3
 
 
 async def test_a_bad_item_anywhere_refuses_the_whole_batch(
@@ -108,20 +97,14 @@ async def test_a_batch_over_128_kib_is_413_and_a_single_increment_keeps_4_kib(
     assert (await client.post("/increments", data=body, headers=JSON)).status == 413
     single = b'{"key": "a", "value": 1, "pad": "' + b"x" * 5000 + b'"}'
     assert (await client.post("/increment", data=single, headers=JSON)).status == 413
-
-    async def chunks():  # type: ignore[no-untyped-def]
-        yield b'{"key": "a", "value": 1, "pad": "'
-        for _ in range(8):
-            yield b"x" * 1024
-        yield b'"}'
-
-    assert (await client.post("/increment", data=chunks(), headers=JSON)).status == 413
+    chunked = chunked_increment(pad_kib=8)
+    assert (await client.post("/increment", data=chunked, headers=JSON)).status == 413
     await flush(client)
     assert await counters(pg) == {}
 
 
 async def test_a_batch_over_max_pending_keys_applies_nothing(
-    replica: Any, pg: asyncpg.Connection
+    replica: MakeReplica, pg: asyncpg.Connection
 ) -> None:
     client = await replica(max_pending_keys=10)
     assert (await client.post("/increment", json={"key": "z", "value": 1})).status == 202
@@ -160,12 +143,12 @@ async def test_a_retry_on_the_same_replica_is_the_same_202_and_applied_once(
         assert response.status == 202
     await flush(client)
     assert await counters(pg) == {"a": 5}
-    assert await metric(client, 'increment_idempotent_replays_total{stage="request"}') == 4
-    assert await metric(client, "increments_total") == 5 - 4
+    assert await app_metric(client, 'increment_idempotent_replays_total{stage="request"}') == 4
+    assert await app_metric(client, "increments_total") == 5 - 4
 
 
 async def test_the_same_key_on_two_replicas_in_one_interval_is_applied_once(
-    replica: Any, pg: asyncpg.Connection
+    replica: MakeReplica, pg: asyncpg.Connection
 ) -> None:
     a, b = await replica(), await replica()
     for client in (a, b):
@@ -178,12 +161,14 @@ async def test_the_same_key_on_two_replicas_in_one_interval_is_applied_once(
     # Both batches at once: the two statements meet on the key's unique index.
     await asyncio.gather(flush(a), flush(b))
     assert await counters(pg) == {"x": 2, "y": 3}
-    replays = [await metric(c, 'increment_idempotent_replays_total{stage="flush"}') for c in (a, b)]
+    replays = [
+        await app_metric(c, 'increment_idempotent_replays_total{stage="flush"}') for c in (a, b)
+    ]
     assert sorted(replays) == [0, 1]
 
 
 async def test_another_body_under_a_used_key_is_never_applied(
-    replica: Any, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+    replica: MakeReplica, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = await replica(), await replica()
     assert (
@@ -192,7 +177,7 @@ async def test_another_body_under_a_used_key_is_never_applied(
     # This replica holds the key: it can tell at once.
     local = await a.post("/increment", json={"key": "a", "value": 2}, headers=key_header("k"))
     assert local.status == 422
-    assert (await local.json(content_type=None))["type"].endswith(":idempotency-key-reused")
+    assert await problem_type(local) == "idempotency-key-reused"
     # The same items as a batch are another request too (the route kind is fingerprinted).
     as_batch = await a.post(
         "/increments", json={"increments": [{"key": "a", "value": 1}]}, headers=key_header("k")
@@ -205,8 +190,8 @@ async def test_another_body_under_a_used_key_is_never_applied(
     assert remote.status == 202
     await flush(b)
     assert await counters(pg) == {"a": 1}
-    assert await metric(b, 'increment_idempotency_conflicts_total{stage="flush"}') == 1
-    assert await metric(a, 'increment_idempotency_conflicts_total{stage="request"}') == 2
+    assert await app_metric(b, 'increment_idempotency_conflicts_total{stage="flush"}') == 1
+    assert await app_metric(a, 'increment_idempotency_conflicts_total{stage="request"}') == 2
     assert any(getattr(r, "event", None) == "idempotency-conflict" for r in caplog.records)
     # And b now knows: the next attempt is refused at once.
     again = await b.post("/increment", json={"key": "a", "value": 100}, headers=key_header("k"))
@@ -214,7 +199,7 @@ async def test_another_body_under_a_used_key_is_never_applied(
 
 
 async def test_a_replay_after_a_restart_is_applied_once(
-    replica: Any, pg: asyncpg.Connection
+    replica: MakeReplica, pg: asyncpg.Connection
 ) -> None:
     first = await replica()
     body = {"increments": [{"key": "r", "value": 7}]}
@@ -238,16 +223,12 @@ async def test_a_4xx_does_not_use_the_key_up(client: Client, pg: asyncpg.Connect
     assert await counters(pg) == {"a": 1}
 
 
-async def test_keys_of_two_users_do_not_collide(replica: Any, pg: asyncpg.Connection) -> None:
+async def test_keys_of_two_users_do_not_collide(
+    replica: MakeReplica, pg: asyncpg.Connection
+) -> None:
     client = await replica()
-    cookies = []
-    for _ in range(2):
-        credentials = {"email": f"u-{uuid.uuid4().hex[:10]}@example.com", "password": "p" * 12}
-        assert (await client.post("/api/users", json=credentials)).status == 201
-        login = await client.post("/api/sessions", json=credentials)
-        assert login.status == 201
-        cookies.append({"Cookie": f"INCREMENT_SESSION={login.cookies['INCREMENT_SESSION'].value}"})
-        client.session.cookie_jar.clear()  # the next login must not rotate this session away
+    # Two users, each signed in through a session of its own (its own cookie jar).
+    cookies = [await signed_in(base_url(client)) for _ in range(2)]
     for headers in cookies:
         response = await client.post(
             "/api/increment",
@@ -306,10 +287,10 @@ async def test_two_idempotency_keys_are_400(client: Client, pg: asyncpg.Connecti
     headers.add("Idempotency-Key", "two")
     response = await client.post("/increment", data=b'{"key": "h", "value": 1}', headers=headers)
     assert response.status == 400
-    assert (await response.json(content_type=None))["type"].endswith(":invalid-idempotency-key")
+    assert await problem_type(response) == "invalid-idempotency-key"
 
 
-async def test_keys_expire_after_the_ttl(replica: Any, pg: asyncpg.Connection) -> None:
+async def test_keys_expire_after_the_ttl(replica: MakeReplica, pg: asyncpg.Connection) -> None:
     """A key is remembered for at least one TTL and at most two (the buckets it is stored by);
     then the same key is a new request."""
     ttl = 1

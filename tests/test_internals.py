@@ -16,7 +16,7 @@ import asyncpg
 import psutil
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from increment_service import appkeys, cli
 from increment_service.app import create_app
@@ -25,6 +25,7 @@ from increment_service.logs import ConsoleFormatter, JsonFormatter
 from increment_service.metrics import Metrics
 from increment_service.middleware import request_middleware
 from increment_service.settings import Settings
+from tests.support.inprocess import Client
 from tests.support.net import free_port
 from tests.support.processes import ServiceProcess
 
@@ -80,7 +81,7 @@ def test_migrations_wait_for_postgres_then_give_up() -> None:
     assert time.monotonic() - started >= 0.5, "it retried before giving up"
 
 
-async def test_old_batch_ids_are_pruned(client: TestClient, pg: asyncpg.Connection) -> None:
+async def test_old_batch_ids_are_pruned(client: Client, pg: asyncpg.Connection) -> None:
     await pg.execute(
         "INSERT INTO applied_batches VALUES ('gone', 1, now() - interval '25 hours'),"
         " ('kept', 1, now() - interval '23 hours')"
@@ -96,8 +97,8 @@ async def test_old_batch_ids_are_pruned(client: TestClient, pg: asyncpg.Connecti
 
 
 async def test_an_unexpected_error_is_a_500_problem_and_redirects_pass(
-    aiohttp_client, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, caplog: pytest.LogCaptureFixture
+) -> None:
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("a bug")
 
@@ -169,8 +170,8 @@ def test_console_lines_cannot_be_forged_with_control_characters() -> None:
 
 
 async def test_each_request_is_logged_once_as_json(
-    aiohttp_client, settings: Settings, capsys: pytest.CaptureFixture[str]
-) -> None:  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
     app = create_app(dataclasses.replace(settings, access_log=True, log_level="INFO"))
     client = await aiohttp_client(app)
     await client.post("/increment", json={"key": "a", "value": 1}, headers={"X-Request-ID": "r-1"})

@@ -41,22 +41,22 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml  # type: ignore[import-untyped]  # no stubs in the test environment
+import yaml
 
 from tests.support.load import Traffic
 from tests.support.metrics import metric_value
-from tests.support.net import free_port, tcp_listeners
-from tests.support.processes import ServiceProcess
-from tests.test_prometheus_rules import (
+from tests.support.monitoring import (
     PROMETHEUS_CONFIG,
     iter_panels,
     load_dashboard,
     rule_files,
     substitute,
 )
-from tests.test_prometheus_rules import (
+from tests.support.monitoring import (
     dashboard_queries as rules_dashboard_queries,
 )
+from tests.support.net import free_port, tcp_listeners
+from tests.support.processes import ServiceProcess
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -346,6 +346,7 @@ async def drive(base: str, run: str) -> Tally:
             statuses = (await Traffic(base, items, concurrency=8).run()).statuses()
             tally.errors += statuses.pop(None, 0)  # no answer: counted apart
             for status, count in statuses.items():
+                assert status is not None  # popped above
                 tally.responses[("POST", "/increment", status)] += count
                 if status != 202:
                     tally.surprises.append(f"POST /increment: {count} x {status}")

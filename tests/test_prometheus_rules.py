@@ -4,10 +4,8 @@ The promtool checks need the `promtool` binary (Debian/Ubuntu package `prometheu
 the Prometheus release tarball on PATH) and are skipped without it. The dashboard checks
 need nothing but the standard library.
 
-`dashboard_queries(substitutions)` returns every PromQL query of the provisioned
-dashboard with the Grafana variables replaced, so that a test against a live Prometheus
-can run them (`from tests.test_prometheus_rules import dashboard_queries`: tests/ is a
-package).
+The files' paths and the dashboard's queries come from tests/support/monitoring.py, which
+the test against a live Prometheus (test_prometheus_live.py) shares.
 """
 
 from __future__ import annotations
@@ -16,21 +14,25 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PROMETHEUS_DIR = REPO / "prometheus"
-PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-RULES_DIR = PROMETHEUS_DIR / "rules"
-RULES_TESTS = PROMETHEUS_DIR / "tests" / "alerts_test.yml"
-GRAFANA_DIR = REPO / "grafana-provisioning"
-DATASOURCE_FILE = GRAFANA_DIR / "datasources" / "prometheus.yml"
-PROVIDER_FILE = GRAFANA_DIR / "dashboards" / "provider.yml"
-DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "increment-service.json"
+from tests.support.compose import REPO_ROOT
+from tests.support.monitoring import (
+    DATASOURCE_FILE,
+    DEFAULT_SUBSTITUTIONS,
+    PROMETHEUS_CONFIG,
+    PROVIDER_FILE,
+    RULES_DIR,
+    RULES_TESTS,
+    dashboard_queries,
+    iter_panels,
+    load_dashboard,
+    raw_targets,
+    rule_files,
+    substitute,
+)
 
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 ALLOWED_UNITS = {"s", "reqps", "short", "percentunit"}
@@ -75,13 +77,6 @@ ALLOWED_SERIES = (
     | SYNTHETIC
 )
 
-# The values a live test can use for the dashboard's variables.
-DEFAULT_SUBSTITUTIONS: Mapping[str, str] = {
-    "__rate_interval": "1m",
-    "job": "increment-service",
-    "instance": ".*",
-}
-
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
@@ -123,61 +118,9 @@ PROMQL_KEYWORDS = {
     "inf",
     "nan",
 }
-_VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def load_dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
-
-
-def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every panel, including those collapsed inside a row."""
-    for panel in panels:
-        yield panel
-        yield from iter_panels(panel.get("panels", []))
-
-
-def _raw_targets() -> list[tuple[str, str]]:
-    """(panel title, expr) for every Prometheus query of the dashboard, unsubstituted."""
-    return [
-        (panel.get("title", ""), target["expr"])
-        for panel in iter_panels(load_dashboard()["panels"])
-        for target in panel.get("targets", [])
-        if "expr" in target
-    ]
-
-
-def substitute(expr: str, substitutions: Mapping[str, str]) -> str:
-    """Replace Grafana variables (`$name`, `${name}`, `${name:format}`) in one query.
-
-    Keys may be given with or without the leading `$`. An unknown variable raises
-    ValueError rather than leaving a query Prometheus cannot parse.
-    """
-    values = {key.lstrip("$"): value for key, value in substitutions.items()}
-
-    def replace(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name not in values:
-            raise ValueError(f"no substitution for Grafana variable ${name} in {expr!r}")
-        return values[name]
-
-    return _VARIABLE.sub(replace, expr)
-
-
-def dashboard_queries(substitutions: Mapping[str, str] | None = None) -> list[str]:
-    """Every panel query of the dashboard with Grafana variables substituted.
-
-    Without an argument the variables get DEFAULT_SUBSTITUTIONS
-    (`$__rate_interval` -> `1m`, `$job` -> `increment-service`, `$instance` -> `.*`);
-    a mapping given here is applied on top of those defaults.
-    """
-    values = dict(DEFAULT_SUBSTITUTIONS)
-    if substitutions:
-        values.update({key.lstrip("$"): value for key, value in substitutions.items()})
-    return [substitute(expr, values) for _, expr in _raw_targets()]
 
 
 def series_names(expr: str) -> set[str]:
@@ -204,7 +147,7 @@ def run_promtool(*args: str) -> str:
     assert PROMTOOL is not None
     proc = subprocess.run(
         [PROMTOOL, *args],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
@@ -213,12 +156,6 @@ def run_promtool(*args: str) -> str:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{output}"
     return output
-
-
-def rule_files() -> list[Path]:
-    files = sorted(RULES_DIR.glob("*.yml"))
-    assert files, f"no rule files in {RULES_DIR}"
-    return files
 
 
 def alert_names() -> set[str]:
@@ -230,32 +167,32 @@ def alert_names() -> set[str]:
 
 
 @needs_promtool
-def test_prometheus_config_is_valid():
-    output = run_promtool("check", "config", str(PROMETHEUS_CONFIG.relative_to(REPO)))
+def test_prometheus_config_is_valid() -> None:
+    output = run_promtool("check", "config", str(PROMETHEUS_CONFIG.relative_to(REPO_ROOT)))
     assert "SUCCESS" in output
 
 
 @needs_promtool
-def test_prometheus_config_loads_every_rule_file():
+def test_prometheus_config_loads_every_rule_file() -> None:
     """rule_files is relative to the config, so the glob must find rules/*.yml."""
-    output = run_promtool("check", "config", str(PROMETHEUS_CONFIG.relative_to(REPO)))
+    output = run_promtool("check", "config", str(PROMETHEUS_CONFIG.relative_to(REPO_ROOT)))
     for path in rule_files():
         assert path.name in output, f"{path} is not loaded by prometheus.yml:\n{output}"
 
 
 @needs_promtool
-def test_rules_are_valid():
-    run_promtool("check", "rules", *(str(path.relative_to(REPO)) for path in rule_files()))
+def test_rules_are_valid() -> None:
+    run_promtool("check", "rules", *(str(path.relative_to(REPO_ROOT)) for path in rule_files()))
 
 
 @needs_promtool
-def test_rule_unit_tests_pass():
-    output = run_promtool("test", "rules", str(RULES_TESTS.relative_to(REPO)))
+def test_rule_unit_tests_pass() -> None:
+    output = run_promtool("test", "rules", str(RULES_TESTS.relative_to(REPO_ROOT)))
     assert "SUCCESS" in output
 
 
 @needs_promtool
-def test_dashboard_queries_are_valid_promql(tmp_path):
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses each query as the expression of a recording rule."""
     queries = dashboard_queries()
     lines = ["groups:", "  - name: dashboard", "    rules:"]
@@ -282,11 +219,11 @@ EXPECTED_ALERTS = {
 }
 
 
-def test_expected_alerts_exist():
+def test_expected_alerts_exist() -> None:
     assert alert_names() >= EXPECTED_ALERTS
 
 
-def test_every_alert_has_firing_and_quiet_unit_tests():
+def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     """Relies on the conventions written at the top of alerts_test.yml."""
     text = RULES_TESTS.read_text(encoding="utf-8")
     cases = re.split(r"^\s*-\s*eval_time:", text, flags=re.MULTILINE)[1:]
@@ -305,7 +242,7 @@ def test_every_alert_has_firing_and_quiet_unit_tests():
     assert (firing | quiet) - names == set(), "unit tests for alerts that do not exist"
 
 
-def test_rules_unit_tests_cover_a_recording_rule():
+def test_rules_unit_tests_cover_a_recording_rule() -> None:
     text = RULES_TESTS.read_text(encoding="utf-8")
     recorded = set(
         re.findall(
@@ -318,7 +255,7 @@ def test_rules_unit_tests_cover_a_recording_rule():
     assert recorded & tested
 
 
-def test_every_alert_has_severity_summary_and_description():
+def test_every_alert_has_severity_summary_and_description() -> None:
     for path in rule_files():
         text = path.read_text(encoding="utf-8")
         for block in re.split(r"^\s*-\s*(?=alert:|record:)", text, flags=re.MULTILINE)[1:]:
@@ -337,7 +274,7 @@ def test_every_alert_has_severity_summary_and_description():
 # --- Grafana provisioning ---------------------------------------------------------------
 
 
-def test_datasource_is_provisioned_with_pinned_uid():
+def test_datasource_is_provisioned_with_pinned_uid() -> None:
     text = DATASOURCE_FILE.read_text(encoding="utf-8")
     assert re.search(r"^\s*uid:\s*prometheus\s*$", text, re.MULTILINE)
     assert re.search(r"^\s*type:\s*prometheus\s*$", text, re.MULTILINE)
@@ -345,13 +282,13 @@ def test_datasource_is_provisioned_with_pinned_uid():
     assert re.search(r"^\s*isDefault:\s*true\s*$", text, re.MULTILINE)
 
 
-def test_dashboard_provider_points_at_provisioning_directory():
+def test_dashboard_provider_points_at_provisioning_directory() -> None:
     text = PROVIDER_FILE.read_text(encoding="utf-8")
     assert re.search(r"^\s*type:\s*file\s*$", text, re.MULTILINE)
     assert re.search(r"^\s*path:\s*/etc/grafana/provisioning/dashboards\s*$", text, re.MULTILINE)
 
 
-def test_dashboard_identity():
+def test_dashboard_identity() -> None:
     dashboard = load_dashboard()
     assert dashboard["uid"] == "increment-service"
     assert dashboard["schemaVersion"] == 39
@@ -359,7 +296,7 @@ def test_dashboard_identity():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
 
-def test_every_panel_has_datasource_and_unit():
+def test_every_panel_has_datasource_and_unit() -> None:
     for panel in iter_panels(load_dashboard()["panels"]):
         if panel["type"] == "row":
             continue
@@ -372,28 +309,28 @@ def test_every_panel_has_datasource_and_unit():
         assert unit in ALLOWED_UNITS, f"{title}: unit {unit!r}"
 
 
-def test_template_variables_use_the_provisioned_datasource():
+def test_template_variables_use_the_provisioned_datasource() -> None:
     for variable in load_dashboard()["templating"]["list"]:
         if variable["type"] == "query":
             assert variable["datasource"] == DATASOURCE, variable["name"]
 
 
-def test_dashboard_queries_use_only_exposed_metrics():
-    for title, expr in _raw_targets():
+def test_dashboard_queries_use_only_exposed_metrics() -> None:
+    for title, expr in raw_targets():
         names = series_names(substitute(expr, DEFAULT_SUBSTITUTIONS))
         assert names, f"{title}: no metric in {expr!r}"
         assert names <= ALLOWED_SERIES, f"{title}: unknown metrics {names - ALLOWED_SERIES}"
 
 
-def test_dashboard_shows_every_exposed_metric():
+def test_dashboard_shows_every_exposed_metric() -> None:
     used = set().union(*(series_names(query) for query in dashboard_queries()))
     base = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
     assert (HISTOGRAMS | COUNTERS | GAUGES) - base == set()
 
 
-def test_dashboard_rates_use_rate_interval():
+def test_dashboard_rates_use_rate_interval() -> None:
     calls = re.compile(r"\b(?:" + "|".join(RANGE_FUNCTIONS) + r")\s*\(")
-    for title, expr in _raw_targets():
+    for title, expr in raw_targets():
         windows = re.findall(r"\[([^\]]*)\]", expr)
         assert all(window == "$__rate_interval" for window in windows), (
             f"{title}: range {windows} instead of [$__rate_interval] in {expr!r}"
@@ -401,7 +338,7 @@ def test_dashboard_rates_use_rate_interval():
         assert len(windows) == len(calls.findall(expr)), f"{title}: {expr!r}"
 
 
-def test_persist_lag_panel_has_ten_second_threshold_line():
+def test_persist_lag_panel_has_ten_second_threshold_line() -> None:
     panels = [
         panel
         for panel in iter_panels(load_dashboard()["panels"])
@@ -416,7 +353,7 @@ def test_persist_lag_panel_has_ten_second_threshold_line():
         assert defaults["custom"]["thresholdsStyle"]["mode"] in {"line", "dashed", "line+area"}
 
 
-def test_dashboard_queries_substitutes_variables():
+def test_dashboard_queries_substitutes_variables() -> None:
     queries = dashboard_queries({"$__rate_interval": "30s", "instance": "10.0.0.2:3333"})
     assert queries
     assert all("$" not in query for query in queries)
@@ -425,7 +362,7 @@ def test_dashboard_queries_substitutes_variables():
     assert len(queries) == len(dashboard_queries())
 
 
-def test_substitute_rejects_unknown_variables():
+def test_substitute_rejects_unknown_variables() -> None:
     with pytest.raises(ValueError, match=r"\$cluster"):
         substitute('up{cluster="$cluster"}', DEFAULT_SUBSTITUTIONS)
 
@@ -443,5 +380,5 @@ def test_substitute_rejects_unknown_variables():
         ('max without (pid) (lag{job="a b (c)"}) * 2', {"lag"}),
     ],
 )
-def test_series_names(expr, expected):
+def test_series_names(expr: str, expected: set[str]) -> None:
     assert series_names(expr) == expected

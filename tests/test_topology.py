@@ -18,11 +18,10 @@ any subset of that key's unknown-outcome increments, and nothing else.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import signal
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -30,8 +29,15 @@ import pytest
 
 from increment_service.settings import Settings
 from tests.support.compose import compose_app_environment, compose_app_replicas, compose_file
-from tests.support.load import Sent, Traffic
-from tests.support.logs import json_log_lines
+from tests.support.load import (
+    PROMISE_SECONDS,
+    Sent,
+    Traffic,
+    lb_statuses,
+    unexplained,
+    wait_until_explained,
+)
+from tests.support.logs import applied_flushes, json_log_lines, last_applied_freeze, log_wall
 from tests.support.metrics import scrape_metric
 from tests.support.net import http_get, wait_until_healthy
 from tests.support.nginx import nginx_binary
@@ -49,8 +55,6 @@ FLUSH_INTERVAL = 1.0
 #: What a compose user would put in `.env` for the same tuning: these go through compose's own
 #: `${VAR:-default}` interpolation of the `app` environment.
 COMPOSE_VARIABLES = {"FLUSH_INTERVAL_SECONDS": f"{FLUSH_INTERVAL:g}", "WORKERS": "1"}
-#: The promise: Postgres is at most this far behind an acknowledged increment.
-PROMISE_SECONDS = 10.0
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -66,50 +70,8 @@ def topology(
         yield running
 
 
-def unexplained(got: Mapping[str, int], traffic: Traffic) -> dict[str, str]:
-    """Keys whose persisted total is not "everything acknowledged plus some subset of the
-    increments whose outcome is unknown" (an empty dict is the exact result)."""
-    acknowledged = traffic.acknowledged()
-    unknown: dict[str, list[int]] = defaultdict(list)
-    for sent in traffic.unknown():
-        unknown[sent.key].append(sent.value)
-    bad = {}
-    for key in set(got) | set(acknowledged) | set(unknown):
-        possible = {0}
-        for value in unknown.get(key, []):
-            possible |= {p + value for p in possible}
-        extra = got.get(key, 0) - acknowledged[key]
-        if extra not in possible:
-            bad[key] = (
-                f"persisted {got.get(key, 0)}, acknowledged {acknowledged[key]}, "
-                f"unknown outcomes {unknown.get(key, [])}"
-            )
-    return bad
-
-
-async def wait_until_explained(
-    database_url: str, traffic: Traffic, within: float = PROMISE_SECONDS
-) -> tuple[dict[str, int], float]:
-    """Poll until the counters are exactly explained by the traffic: (counters, seconds)."""
-    started = time.monotonic()
-    while True:
-        got = await persisted(database_url)
-        if not unexplained(got, traffic) or time.monotonic() - started > within:
-            return got, time.monotonic() - started
-        await asyncio.sleep(0.1)
-
-
-def lb_statuses(traffic: Traffic) -> dict[str, int]:
-    counts = traffic.statuses()
-    return {("no answer" if s is None else str(s)): n for s, n in sorted(counts.items(), key=str)}
-
-
 def replica_events(replica: ServiceProcess, event: str) -> list[dict[str, object]]:
     return [e for e in json_log_lines(replica.log()) if e.get("event") == event]
-
-
-def wall(ts: object) -> float:
-    return dt.datetime.fromisoformat(str(ts)).timestamp()
 
 
 async def incarnations(database_url: str) -> Counter[str]:
@@ -292,17 +254,16 @@ async def test_replica_sigkill_under_load_loses_at_most_its_unflushed_interval(
     victim = topology.replicas[2]
     margin = 1.0  # a flush in progress, and a loaded machine
 
-    def applied_flushes() -> list[dict[str, object]]:
-        return [e for e in replica_events(victim, "flush") if e.get("outcome") == "applied"]
-
     # A distinct key per request, value 1: a persisted key is exactly one increment.
     async with Traffic(topology.url, lambda n: (f"kill-{n:07d}", 1)) as traffic:
         await traffic.wait_for_acks(500)
         await eventually(
-            lambda: len(applied_flushes()) >= 3, "three batches of the victim applied", within=20
+            lambda: len(applied_flushes(victim.log())) >= 3,
+            "three batches of the victim applied",
+            within=20,
         )
         # Late in the victim's flush interval, so the loss measured is close to the worst case.
-        last = wall(applied_flushes()[-1]["ts"])
+        last = log_wall(applied_flushes(victim.log())[-1]["ts"])
         target = last + 0.85 * FLUSH_INTERVAL
         while target < time.time() + 0.05:
             target += FLUSH_INTERVAL
@@ -331,8 +292,8 @@ async def test_replica_sigkill_under_load_loses_at_most_its_unflushed_interval(
     # before that freeze was in that batch or an earlier one; what it acknowledged after is
     # what it had not flushed. 0.1 s of slack for log timestamps truncated to milliseconds
     # and the few statements between the freeze and the timer.
-    flushes = [e for e in applied_flushes() if wall(e["ts"]) <= killed_wall]
-    last_freeze = wall(flushes[-1]["ts"]) - float(str(flushes[-1]["duration"]))
+    last_freeze = last_applied_freeze(victim.log(), killed_wall)
+    assert last_freeze is not None, "the victim applied batches before the kill"
 
     def answered_wall(s: Sent) -> float:
         return killed_wall - (killed_at - s.answered_at)

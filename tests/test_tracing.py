@@ -7,6 +7,7 @@ import dataclasses
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from increment_service import appkeys
 from increment_service.app import create_app
@@ -31,8 +32,8 @@ def _attributes(span: Span) -> dict[str, object]:
 
 
 async def test_requests_and_flushes_are_exported_over_otlp(
-    aiohttp_client, aiohttp_server, settings: Settings
-) -> None:  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, settings: Settings
+) -> None:
     received: list[bytes] = []
 
     async def collect(request: web.Request) -> web.Response:

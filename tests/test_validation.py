@@ -10,14 +10,15 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from increment_service import appkeys
 from increment_service.errors import MalformedJSON
 from increment_service.validation.bodies import MAX_BODY_BYTES, parse_json, parse_json_strict
-from tests.support.net import JSON
+from tests.support.inprocess import Client
+from tests.support.net import JSON, chunked_increment
+from tests.support.problems import assert_problem
 
 MAX = 2**53 - 1
 
@@ -86,21 +87,11 @@ BAD_BODIES: list[tuple[str, bytes, dict[str, str], int, list[str] | None]] = [
 ]
 
 
-async def assert_nothing_changed(client: TestClient, pg: asyncpg.Connection) -> None:
+async def assert_nothing_changed(client: Client, pg: asyncpg.Connection) -> None:
     write_behind = client.app[appkeys.WRITE_BEHIND]
     assert write_behind.aggregator.is_empty
     await write_behind.flush()
     assert await pg.fetchval("SELECT count(*) FROM counters") == 0
-
-
-def assert_problem(body: dict[str, Any], status: int, pointers: list[str] | None) -> None:
-    assert body["status"] == status
-    assert isinstance(body["type"], str)
-    assert isinstance(body["title"], str)
-    assert isinstance(body["detail"], str)
-    if pointers is not None:
-        assert sorted(e["pointer"] for e in body["errors"]) == sorted(pointers)
-        assert all(isinstance(e["detail"], str) and e["detail"] for e in body["errors"])
 
 
 @pytest.mark.parametrize(
@@ -110,7 +101,7 @@ def assert_problem(body: dict[str, Any], status: int, pointers: list[str] | None
 )
 @pytest.mark.parametrize("path", ["/increment"])
 async def test_bad_increment_is_a_problem_and_changes_nothing(
-    client: TestClient,
+    client: Client,
     pg: asyncpg.Connection,
     path: str,
     body: bytes,
@@ -121,20 +112,12 @@ async def test_bad_increment_is_a_problem_and_changes_nothing(
     response = await client.post(path, data=body, headers=headers)
     assert response.status == status
     assert response.content_type == "application/problem+json"
-    assert_problem(await response.json(content_type=None), status, pointers)
+    await assert_problem(response, status, pointers)
     await assert_nothing_changed(client, pg)
 
 
-async def test_chunked_body_over_the_limit_is_413(
-    client: TestClient, pg: asyncpg.Connection
-) -> None:
-    async def chunks():  # type: ignore[no-untyped-def]
-        yield b'{"key": "a", "value": 1, "pad": "'
-        for _ in range(8):
-            yield b"x" * 1024
-        yield b'"}'
-
-    response = await client.post("/increment", data=chunks(), headers=JSON)
+async def test_chunked_body_over_the_limit_is_413(client: Client, pg: asyncpg.Connection) -> None:
+    response = await client.post("/increment", data=chunked_increment(pad_kib=8), headers=JSON)
     assert response.status == 413
     assert response.content_type == "application/problem+json"
     await assert_nothing_changed(client, pg)
@@ -142,21 +125,21 @@ async def test_chunked_body_over_the_limit_is_413(
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
 async def test_wrong_method_is_405_with_allow(
-    client: TestClient, pg: asyncpg.Connection, method: str
+    client: Client, pg: asyncpg.Connection, method: str
 ) -> None:
     response = await client.request(method, "/increment", json={"key": "a", "value": 1})
     assert response.status == 405
     assert response.headers["Allow"] == "POST"
     assert response.content_type == "application/problem+json"
-    assert_problem(await response.json(content_type=None), 405, None)
+    await assert_problem(response, 405, None)
     await assert_nothing_changed(client, pg)
 
 
-async def test_unknown_path_is_a_404_problem(client: TestClient) -> None:
+async def test_unknown_path_is_a_404_problem(client: Client) -> None:
     response = await client.get("/nope")
     assert response.status == 404
     assert response.content_type == "application/problem+json"
-    assert_problem(await response.json(content_type=None), 404, None)
+    await assert_problem(response, 404, None)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +154,7 @@ async def test_unknown_path_is_a_404_problem(client: TestClient) -> None:
     ],
 )
 async def test_edge_of_the_valid_range_is_accepted(
-    client: TestClient, pg: asyncpg.Connection, key: str, value: int
+    client: Client, pg: asyncpg.Connection, key: str, value: int
 ) -> None:
     response = await client.post("/increment", json={"key": key, "value": value})
     assert response.status == 202
@@ -179,7 +162,7 @@ async def test_edge_of_the_valid_range_is_accepted(
     assert await pg.fetchval("SELECT value FROM counters WHERE key = $1", key) == value
 
 
-async def test_charset_utf8_is_accepted(client: TestClient) -> None:
+async def test_charset_utf8_is_accepted(client: Client) -> None:
     response = await client.post(
         "/increment",
         data=b'{"key": "a", "value": 1}',
@@ -206,7 +189,7 @@ async def test_charset_utf8_is_accepted(client: TestClient) -> None:
         ).map(lambda v: json.dumps(v).encode()),
     )
 )
-async def test_no_input_produces_a_500(client: TestClient, body: bytes) -> None:
+async def test_no_input_produces_a_500(client: Client, body: bytes) -> None:
     response = await client.post("/increment", data=body, headers=JSON)
     assert response.status in (202, 400, 413, 422)
     if response.status != 202:
@@ -240,7 +223,7 @@ ENCODED_BODIES: list[tuple[str, str, bytes]] = [
     ("coding", "body"), [c[1:] for c in ENCODED_BODIES], ids=[c[0] for c in ENCODED_BODIES]
 )
 async def test_compressed_bodies_are_refused_with_415(
-    client: TestClient, pg: asyncpg.Connection, coding: str, body: bytes
+    client: Client, pg: asyncpg.Connection, coding: str, body: bytes
 ) -> None:
     response = await client.post(
         "/increment", data=body, headers={**JSON, "Content-Encoding": coding}
@@ -248,7 +231,7 @@ async def test_compressed_bodies_are_refused_with_415(
     assert response.status == 415
     assert response.content_type == "application/problem+json"
     assert response.headers["Accept-Encoding"] == "identity"  # RFC 7694
-    assert_problem(await response.json(content_type=None), 415, None)
+    await assert_problem(response, 415, None)
     await assert_nothing_changed(client, pg)
 
 
@@ -271,7 +254,7 @@ ROUTES = [
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 async def test_every_route_refuses_a_compressed_body(
-    client: TestClient, pg: asyncpg.Connection, method: str, path: str
+    client: Client, pg: asyncpg.Connection, method: str, path: str
 ) -> None:
     corrupt = _CRC_BROKEN  # once a 500 on every route that read its body
     response = await client.request(
@@ -284,7 +267,7 @@ async def test_every_route_refuses_a_compressed_body(
 
 
 @pytest.mark.parametrize("coding", ["identity", "Identity", ""])
-async def test_identity_is_no_coding(client: TestClient, coding: str) -> None:
+async def test_identity_is_no_coding(client: Client, coding: str) -> None:
     response = await client.post(
         "/increment", data=_PLAIN, headers={**JSON, "Content-Encoding": coding}
     )
@@ -356,13 +339,13 @@ _BATCH_NAMES = st.sampled_from(["increments", "key", "value"])
     # What a client can put in a header: no control characters (aiohttp's client refuses them).
     idempotency_key=st.none()
     | st.text(
-        st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_categories=("Cc",)),
+        st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_categories=["Cc"]),
         max_size=300,
     ),
     prefer=st.none() | st.sampled_from(["durable", "DURABLE; x=1", "respond-async", ",,", ""]),
 )
 async def test_no_batch_or_header_produces_a_500(
-    client: TestClient, body: bytes, idempotency_key: str | None, prefer: str | None
+    client: Client, body: bytes, idempotency_key: str | None, prefer: str | None
 ) -> None:
     headers = dict(JSON)
     if idempotency_key is not None:

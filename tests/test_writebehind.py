@@ -20,6 +20,7 @@ from increment_service.writebehind import (
     WriteBehind,
     apply_batch,
 )
+from tests.support.postgres import counters
 
 
 class FakeClock:
@@ -157,10 +158,6 @@ def _batch(seq: int, deltas: dict[str, int], replica: str = "r1") -> Batch:
     return Batch(replica, seq, keys, [deltas[k] for k in keys], 0.0)
 
 
-async def _counters(pg: asyncpg.Connection) -> dict[str, int]:
-    return {r["key"]: r["value"] for r in await pg.fetch("SELECT key, value FROM counters")}
-
-
 async def test_apply_batch_is_additive_and_idempotent(clean: None, pg: asyncpg.Connection) -> None:
     first = await apply_batch(pg, _batch(1, {"a": 1, "b": 2}), statement_timeout=10)
     assert first.fresh
@@ -170,7 +167,7 @@ async def test_apply_batch_is_additive_and_idempotent(clean: None, pg: asyncpg.C
     assert not again.fresh, "a retry of an applied batch id adds nothing"
     other_replica = await apply_batch(pg, _batch(2, {"a": 100}, replica="r2"), statement_timeout=10)
     assert other_replica.fresh
-    assert await _counters(pg) == {"a": 111, "b": 2, "c": -3}
+    assert await counters(pg) == {"a": 111, "b": 2, "c": -3}
     assert await pg.fetchval("SELECT count(*) FROM applied_batches") == 3
 
 
@@ -186,10 +183,10 @@ async def test_overflowing_key_is_rejected_and_the_rest_applied(
         pg, _batch(1, {"near-max": 10, "near-min": -5, "ok": 7}), statement_timeout=10
     )
     assert sorted(applied.rejected) == ["near-max", "near-min"]
-    assert await _counters(pg) == {"near-max": INT64_MAX - 5, "near-min": -INT64_MAX, "ok": 7}
+    assert await counters(pg) == {"near-max": INT64_MAX - 5, "near-min": -INT64_MAX, "ok": 7}
     exact = await apply_batch(pg, _batch(2, {"near-max": 5}), statement_timeout=10)
     assert exact.rejected == []
-    assert (await _counters(pg))["near-max"] == INT64_MAX
+    assert (await counters(pg))["near-max"] == INT64_MAX
 
 
 async def test_concurrent_replicas_on_the_same_keys_never_deadlock(
@@ -208,7 +205,7 @@ async def test_concurrent_replicas_on_the_same_keys_never_deadlock(
         await asyncio.gather(
             *(apply_batch(conn, shuffled(n), statement_timeout=30) for n, conn in enumerate(conns))
         )
-        totals = await _counters(conns[0])
+        totals = await counters(conns[0])
     finally:
         for conn in conns:
             await conn.close()
@@ -246,7 +243,7 @@ async def test_a_delta_wider_than_bigint_applies_when_the_total_fits(
     batch = Batch("r1", 1, ["ok"], [1], 0.0, {"deep": wide, "shallow": wide, "new": wide})
     applied = await apply_batch(pg, batch, statement_timeout=10)
     assert sorted(applied.rejected) == ["new", "shallow"]
-    assert await _counters(pg) == {"deep": wide - 2**62, "shallow": 0, "ok": 1}
+    assert await counters(pg) == {"deep": wide - 2**62, "shallow": 0, "ok": 1}
     retried = await apply_batch(pg, batch, statement_timeout=10)
     assert not retried.fresh
-    assert (await _counters(pg))["deep"] == wide - 2**62, "counted once"
+    assert (await counters(pg))["deep"] == wide - 2**62, "counted once"

@@ -24,7 +24,7 @@ from pathlib import Path
 TEMPLATE = Path(__file__).with_name("native.conf.template")
 
 # The same passive health-check parameters as `server app:3333 resolve ...` in
-# nginx.conf; tests/test_deploy_config.py checks they agree.
+# nginx.conf; tests/test_deploy_nginx.py checks they agree.
 SERVER_PARAMETERS = "max_fails=1 fail_timeout=5s"
 
 

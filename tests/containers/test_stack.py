@@ -21,17 +21,17 @@ from tests.containers.conftest import COMPOSE_VARIABLES
 from tests.containers.docker import ComposeStack, container_ip, docker, inspect
 from tests.support.api import counter_via_api, signed_in
 from tests.support.compose import REPO_ROOT
-from tests.support.load import Traffic
-from tests.support.logs import json_log_lines
-from tests.support.net import http_get
-from tests.support.polling import eventually
-from tests.support.postgres import persisted
-from tests.test_topology import (
+from tests.support.load import (
     PROMISE_SECONDS,
+    Traffic,
     lb_statuses,
     unexplained,
     wait_until_explained,
 )
+from tests.support.logs import json_log_lines
+from tests.support.net import http_get
+from tests.support.polling import eventually
+from tests.support.postgres import persisted
 
 pytestmark = pytest.mark.timeout(300)
 

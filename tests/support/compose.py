@@ -1,12 +1,11 @@
 """docker-compose.yml read, and interpolated the way compose does it.
 
 The native topology (topology.py) runs compose's `app` with compose's own environment, and
-the deploy checks (tests/test_deploy_config.py) validate the file with the same reading.
+the deploy checks (tests/test_deploy_*.py) validate the file with the same reading.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,9 +45,21 @@ def compose_interpolate(text: str, variables: Mapping[str, str]) -> str:
     return COMPOSE_VARIABLE.sub(replace, text)
 
 
+def compose_interpolate_all(node: Any, variables: Mapping[str, str]) -> Any:
+    """Every string in a parsed compose file (or a part of it) interpolated."""
+    if isinstance(node, str):
+        return compose_interpolate(node, variables)
+    if isinstance(node, dict):
+        return {key: compose_interpolate_all(value, variables) for key, value in node.items()}
+    if isinstance(node, list):
+        return [compose_interpolate_all(value, variables) for value in node]
+    return node
+
+
 def compose_file() -> dict[str, Any]:
     """docker-compose.yml, parsed (anchors and aliases resolved by PyYAML)."""
-    yaml: Any = importlib.import_module("yaml")  # PyPI pyyaml (the test extra); no stubs
+    import yaml  # PyPI pyyaml (the test extra), only when a test reads the file
+
     data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
     assert isinstance(data, dict), "docker-compose.yml is not a mapping"
     return data

@@ -1,16 +1,22 @@
-"""``Traffic``: the one load generator of the tests, and ``Sent``, its record of a request."""
+"""``Traffic``: the one load generator of the tests, and ``Sent``, its record of a request;
+and how to judge what the counters hold against the traffic (``unexplained``)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 
 import aiohttp
 
+from tests.support.postgres import persisted
+
 Item = tuple[str, int]  # (key, value) of one increment
+
+#: The promise: Postgres is at most this far behind an acknowledged increment.
+PROMISE_SECONDS = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -165,3 +171,42 @@ class Traffic:
     def unknown(self) -> list[Sent]:
         """The requests whose outcome is unknown (no answer, or a 502/504 from a gateway)."""
         return [s for s in self.sent if s.unknown]
+
+
+def unexplained(got: Mapping[str, int], traffic: Traffic) -> dict[str, str]:
+    """Keys whose persisted total is not "everything acknowledged plus some subset of the
+    increments whose outcome is unknown" (an empty dict is the exact result)."""
+    acknowledged = traffic.acknowledged()
+    unknown: dict[str, list[int]] = defaultdict(list)
+    for sent in traffic.unknown():
+        unknown[sent.key].append(sent.value)
+    bad = {}
+    for key in set(got) | set(acknowledged) | set(unknown):
+        possible = {0}
+        for value in unknown.get(key, []):
+            possible |= {p + value for p in possible}
+        extra = got.get(key, 0) - acknowledged[key]
+        if extra not in possible:
+            bad[key] = (
+                f"persisted {got.get(key, 0)}, acknowledged {acknowledged[key]}, "
+                f"unknown outcomes {unknown.get(key, [])}"
+            )
+    return bad
+
+
+async def wait_until_explained(
+    database_url: str, traffic: Traffic, within: float = PROMISE_SECONDS
+) -> tuple[dict[str, int], float]:
+    """Poll until the counters are exactly explained by the traffic: (counters, seconds)."""
+    started = time.monotonic()
+    while True:
+        got = await persisted(database_url)
+        if not unexplained(got, traffic) or time.monotonic() - started > within:
+            return got, time.monotonic() - started
+        await asyncio.sleep(0.1)
+
+
+def lb_statuses(traffic: Traffic) -> dict[str, int]:
+    """Statuses as a load balancer's clients saw them ("no answer" for None), for messages."""
+    counts = traffic.statuses()
+    return {("no answer" if s is None else str(s)): n for s, n in sorted(counts.items(), key=str)}

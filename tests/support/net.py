@@ -1,4 +1,5 @@
-"""Loopback networking: free ports, plain HTTP GETs, health waits, listening sockets.
+"""Loopback networking: free ports, plain HTTP GETs, health waits, listening sockets, stand-in
+HTTP servers.
 
 Standard library only: the benchmark imports it too (``python -m bench.run``).
 """
@@ -6,12 +7,24 @@ Standard library only: the benchmark imports it too (``python -m bench.run``).
 from __future__ import annotations
 
 import contextlib
+import http.server
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Iterator
 
 JSON = {"Content-Type": "application/json"}
+
+
+async def chunked_increment(pad_kib: int = 8) -> AsyncIterator[bytes]:
+    """An increment padded with ``pad_kib`` KiB, as a body to send in chunks: a request with
+    no Content-Length, whose size the server learns only as it reads."""
+    yield b'{"key": "a", "value": 1, "pad": "'
+    for _ in range(pad_kib):
+        yield b"x" * 1024
+    yield b'"}'
 
 
 def free_port() -> int:
@@ -63,3 +76,21 @@ def wait_until_healthy(url: str, timeout: float = 30.0, path: str = "/api/health
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}{path} not healthy within {timeout}s: {last}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serving(
+    handler: type[http.server.BaseHTTPRequestHandler],
+) -> Iterator[http.server.ThreadingHTTPServer]:
+    """A stand-in HTTP server with ``handler`` on a free loopback port, in a thread of its own
+    (``server.server_address[1]`` is its port)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

