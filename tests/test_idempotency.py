@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import asyncpg
@@ -16,7 +15,7 @@ import pytest
 
 from increment_service import appkeys
 from increment_service.validation.increments import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
-from increment_service.writebehind import Batch, Keyed, apply_batch
+from increment_service.writebehind import Batch, Keyed, Recorded, apply_batch
 from tests.support.api import signed_in
 from tests.support.inprocess import Client, MakeReplica, base_url
 from tests.support.metrics import app_metric
@@ -174,7 +173,14 @@ async def test_another_body_under_a_used_key_is_never_applied(
     assert (
         await a.post("/increment", json={"key": "a", "value": 1}, headers=key_header("k"))
     ).status == 202
-    # This replica holds the key: it can tell at once.
+    # This replica holds the key, not committed yet: whose it is is undecided until its next
+    # flush (at most the replica's flush interval, 9 s, away): 409, retry then.
+    undecided = await a.post("/increment", json={"key": "a", "value": 2}, headers=key_header("k"))
+    assert undecided.status == 409
+    assert (await undecided.json(content_type=None))["type"].endswith(":idempotency-key-in-use")
+    assert 1 <= int(undecided.headers["Retry-After"]) <= 9
+    await flush(a)
+    # Settled here: the owner is known, and it is not this body.
     local = await a.post("/increment", json={"key": "a", "value": 2}, headers=key_header("k"))
     assert local.status == 422
     assert await problem_type(local) == "idempotency-key-reused"
@@ -183,7 +189,6 @@ async def test_another_body_under_a_used_key_is_never_applied(
         "/increments", json={"increments": [{"key": "a", "value": 1}]}, headers=key_header("k")
     )
     assert as_batch.status == 422
-    await flush(a)
     # Another replica cannot tell: it accepts, and the flush drops it, counts it, logs it.
     caplog.set_level(logging.WARNING, logger="increment_service.writebehind")
     remote = await b.post("/increment", json={"key": "a", "value": 100}, headers=key_header("k"))
@@ -290,48 +295,50 @@ async def test_two_idempotency_keys_are_400(client: Client, pg: asyncpg.Connecti
     assert await problem_type(response) == "invalid-idempotency-key"
 
 
-async def test_keys_expire_after_the_ttl(replica: MakeReplica, pg: asyncpg.Connection) -> None:
-    """A key is remembered for at least one TTL and at most two (the buckets it is stored by);
-    then the same key is a new request."""
-    ttl = 1
-    a = await replica(idempotency_ttl_seconds=ttl)
-    body = {"key": "e", "value": 1}
-    assert (await a.post("/increment", json=body, headers=key_header("expiring"))).status == 202
-    await flush(a)
-    applied_at = time.time()
-    # Within the TTL: a replay, from another replica too (no local memory there).
-    b = await replica(idempotency_ttl_seconds=ttl)
-    assert (await b.post("/increment", json=body, headers=key_header("expiring"))).status == 202
-    await flush(b)
-    assert await counters(pg) == {"e": 1}
-    # Two whole buckets later, the key is forgotten.
-    await asyncio.sleep(max(0.0, (int(applied_at) // ttl + 2) * ttl - time.time() + 0.05))
-    c = await replica(idempotency_ttl_seconds=ttl)
-    assert (await c.post("/increment", json=body, headers=key_header("expiring"))).status == 202
-    await flush(c)
-    assert await counters(pg) == {"e": 2}
-
-
-@pytest.mark.parametrize("grace", [0, 10**9], ids=["past-the-grace", "within-the-grace"])
-async def test_a_key_from_the_previous_bucket_is_still_recorded(
-    pg: asyncpg.Connection, clean: None, grace: int
+async def test_a_key_is_live_for_the_ttl_after_its_record_then_new(
+    pg: asyncpg.Connection, clean: None
 ) -> None:
-    """Both ways a statement looks at the bucket before its own: a plain lookup (past the
-    grace period) and a second claim in that bucket's partition (within it)."""
-    ttl = 1
+    """Postgres's clock decides: a key's record is live for IDEMPOTENCY_TTL_SECONDS after it
+    was made (a retry within it is a replay); past it, the same key is a new request, and its
+    row is taken over. Each key is one row. (The record's age is set by hand: no sleeping.)"""
+    request = Keyed("open", "expiring", b"f" * 16, (("e", 1),))
+
+    def batch(seq: int) -> Batch:
+        return Batch("r", seq, [], [], 0.0, requests=(request,))
+
+    assert (await apply_batch(pg, batch(1), 10, idempotency_ttl=3600)).claimed == {0}
+    await pg.execute("UPDATE idempotency_keys SET recorded_at = now() - interval '3599 seconds'")
+    replay = await apply_batch(pg, batch(2), 10, idempotency_ttl=3600)
+    assert replay.claimed == set()
+    assert replay.recorded_before == {0: Recorded(request.fingerprint)}
+    assert 3599 <= replay.recorded_age[0] < 3600
+    await pg.execute("UPDATE idempotency_keys SET recorded_at = now() - interval '3600 seconds'")
+    assert (await apply_batch(pg, batch(3), 10, idempotency_ttl=3600)).claimed == {0}
+    assert await counters(pg) == {"e": 2}
+    assert await pg.fetchval("SELECT count(*) FROM idempotency_keys") == 1
+
+
+async def test_a_record_in_the_previous_buckets_partition_is_live(
+    pg: asyncpg.Connection, clean: None
+) -> None:
+    """A record made in the bucket before (within the TTL) lies in that bucket's partition,
+    and a statement of the current bucket finds it there: a replay, written nowhere else."""
     request = Keyed("open", "boundary", b"f" * 16, (("b", 1),))
 
     def batch(seq: int) -> Batch:
-        return Batch("r", seq, [], [], 0.0, keyed=(request,))
+        return Batch("r", seq, [], [], 0.0, requests=(request,))
 
-    first = await apply_batch(pg, batch(1), 10, idempotency_ttl=ttl, grace=grace)
-    assert first.claimed == {0}
-    bucket = int(time.time()) // ttl
-    await asyncio.sleep(max(0.0, (bucket + 1) * ttl - time.time() + 0.05))  # the next bucket
-    second = await apply_batch(pg, batch(2), 10, idempotency_ttl=ttl, grace=grace)
+    assert (await apply_batch(pg, batch(1), 10, idempotency_ttl=3600)).claimed == {0}
+    # Moved into the previous bucket's partition, recorded a minute ago.
+    await pg.execute(
+        "UPDATE idempotency_keys SET bucket = bucket - 1, slot = ((bucket - 1) % 4)::smallint,"
+        " recorded_at = now() - interval '60 seconds'"
+    )
+    second = await apply_batch(pg, batch(2), 10, idempotency_ttl=3600)
     assert second.claimed == set()
-    assert second.recorded_before == {0: request.fingerprint}
+    assert second.recorded_before == {0: Recorded(request.fingerprint)}
     assert await counters(pg) == {"b": 1}
+    assert await pg.fetchval("SELECT count(*) FROM idempotency_keys") == 1
 
 
 async def test_a_key_claimed_meanwhile_by_another_statement_is_classified_by_its_body(
@@ -352,7 +359,7 @@ async def test_a_key_claimed_meanwhile_by_another_statement_is_classified_by_its
         )
         mine = Keyed("open", "race", b"y" * 16, (("r", 1),))
         applying = asyncio.ensure_future(
-            apply_batch(pg, Batch("r", 1, [], [], 0.0, keyed=(mine,)), 10, grace=0)
+            apply_batch(pg, Batch("r", 1, [], [], 0.0, requests=(mine,)), 10)
         )
         await asyncio.sleep(0.3)
         assert not applying.done(), "it waits for the other statement"
@@ -361,5 +368,7 @@ async def test_a_key_claimed_meanwhile_by_another_statement_is_classified_by_its
     finally:
         await other.close()
     assert applied.claimed == set()
-    assert applied.recorded_before == {0: b"x" * 16}, "another body: a conflict, not a replay"
+    assert applied.recorded_before == {0: Recorded(b"x" * 16)}, (
+        "another body: a conflict, not a replay"
+    )
     assert await counters(pg) == {}

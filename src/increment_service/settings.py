@@ -76,8 +76,8 @@ class Settings:
             ("ACCESS_LOG", self.access_log >= 0, "must be true, false or sample:N"),
             (
                 "IDEMPOTENCY_TTL_SECONDS",
-                1 <= self.idempotency_ttl_seconds <= 7 * 86_400,
-                "must be between 1 and 604800 (a week)",
+                60 <= self.idempotency_ttl_seconds <= 7 * 86_400,
+                "must be between 60 and 604800 (a minute to a week)",
             ),
             (
                 "DURABLE_TIMEOUT_SECONDS",

@@ -62,6 +62,9 @@ def _idempotency_columns() -> list[sa.Column[object]]:
         sa.Column("bucket", sa.BigInteger, nullable=False),
         sa.Column("fingerprint", sa.LargeBinary, nullable=False),
         sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+        # Migration 0005: the first answer (durable or 202) and the items it did not apply.
+        sa.Column("durable", sa.Boolean, nullable=True),
+        sa.Column("not_applied", sa.ARRAY(sa.Integer), nullable=True),
     ]
 
 
@@ -83,5 +86,15 @@ batch_rejections = sa.Table(
     sa.Column("replica_id", sa.Text, primary_key=True),
     sa.Column("seq", sa.BigInteger, primary_key=True),
     sa.Column("keys", sa.ARRAY(sa.Text), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+request_rejections = sa.Table(
+    "request_rejections",
+    metadata,
+    sa.Column("replica_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("request", sa.Integer, primary_key=True),
+    sa.Column("items", sa.ARRAY(sa.Integer), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
 )

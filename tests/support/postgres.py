@@ -118,11 +118,16 @@ def unix_or_tcp(database_url: str) -> tuple[str | None, str | None, int]:
     return None, host, port
 
 
+#: Postgres's ReadyForQuery message with transaction status idle (protocol 3).
+_READY_IDLE = b"Z\x00\x00\x00\x05I"
+
+
 class CuttingProxy:
     """A TCP proxy in front of Postgres that can make a commit's outcome unknown to the client.
 
-    Armed, it forwards the client's next request to the server, swallows the server's answer
-    and cuts both connections: the server has committed, the client saw its connection die.
+    Armed, it forwards what the client sends, and when the server answers with a committed
+    transaction (a statement in an implicit one, or a COMMIT), swallows that answer and cuts
+    both connections: the server has committed, the client saw its connection die.
     """
 
     def __init__(self, database_url: str) -> None:
@@ -170,9 +175,12 @@ class CuttingProxy:
 
         async def server_to_client() -> None:
             while data := await up_reader.read(65536):
-                if self.armed and sent_while_armed.is_set():
-                    # The server answered a request sent while armed: it has executed (and,
-                    # for an implicit transaction, committed) it. Drop the answer, cut the line.
+                # ReadyForQuery, idle: the server ended a transaction (an implicit one, or a
+                # COMMIT). Within an explicit transaction the status byte is T, not I.
+                committed = _READY_IDLE in data
+                if self.armed and sent_while_armed.is_set() and committed:
+                    # The server answered a request sent while armed and has committed it.
+                    # Drop the answer, cut the line.
                     self.armed = False
                     self.cuts += 1
                     self.refusing = self.refuse_after_cut

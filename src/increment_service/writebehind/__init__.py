@@ -21,7 +21,7 @@ benchmark) use.
 
 from .accept import Accepted, NotApplied, fingerprint, scope_of
 from .aggregator import Aggregator
-from .items import INT64_MAX, INT64_MIN, Batch, Keyed
+from .items import INT64_MAX, INT64_MIN, Batch, Keyed, Recorded, Request, Unkeyed
 from .service import WriteBehind
 from .statements import APPLY_BATCH_SQL
 from .store import Applied, apply_batch
@@ -36,6 +36,9 @@ __all__ = [
     "Batch",
     "Keyed",
     "NotApplied",
+    "Recorded",
+    "Request",
+    "Unkeyed",
     "WriteBehind",
     "apply_batch",
     "fingerprint",

@@ -4,8 +4,10 @@ HTTP, and its refusals are domain errors (errors.py) that the middleware answers
 
 - No ``Idempotency-Key``, no ``Prefer: durable``: summed into the aggregator; written behind.
 - With a key: the request travels whole, and only the first request with that key (in its
-  scope) counts, on whichever replica commits it first. A replay (same key, same body) gets the
-  answer the first got; another body under a used key is refused (422) and never applied.
+  scope) counts, on whichever replica commits it first. A replay (same key, same body) is told
+  what the first was told (a durable retry, what was committed); another body under a key
+  whose owner is known (committed, or settled here) is refused (422) and never applied; while
+  the owner is undecided, 409 with Retry-After.
 - ``Prefer: durable``: the request waits for the commit of its group (durable.py); the answer
   says what was committed, and which items were not applied.
 
@@ -17,15 +19,30 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
+import math
 from collections.abc import Sequence
 
+import asyncpg
 import orjson
 
-from ..errors import BackpressureError, IdempotencyKeyReused, KeyInUse, NotCommitted, OutcomeUnknown
+from .. import db
+from ..errors import (
+    BackpressureError,
+    IdempotencyKeyReused,
+    KeyInUse,
+    NotCommitted,
+    OutcomeUnknown,
+)
 from ..metrics import Metrics
-from .aggregator import Aggregator, KeyedOutcome
-from .durable import Durable, GroupCommitter
-from .items import Item, Keyed
+from .aggregator import Aggregator
+from .durable import Durable, DurableAnswer, GroupCommitter
+from .flusher import Flusher
+from .items import Item, Keyed, Recorded, Unkeyed
+from .store import lookup_records
+
+log = logging.getLogger("increment_service.writebehind")  # one logger for the package
+
 
 #: The one scope of the open routes' idempotency keys (a session's user has a scope of its own).
 OPEN_SCOPE = "open"
@@ -71,15 +88,41 @@ def _reused() -> IdempotencyKeyReused:
     )
 
 
-def _in_use() -> KeyInUse:
-    return KeyInUse("a durable request with this key still waits for its commit")
+def _in_use(retry_after: int) -> KeyInUse:
+    return KeyInUse(
+        "another request with this Idempotency-Key is not settled yet; retry after it is",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def _unknown() -> OutcomeUnknown:
+    return OutcomeUnknown(
+        "no commit in time: the increments may have been applied, or may still be (the"
+        " replica keeps trying); a retry with the same Idempotency-Key is safe, one"
+        " without may count them twice",
+        headers={"Retry-After": "1"},
+    )
 
 
 class AcceptPolicy:
-    def __init__(self, aggregator: Aggregator, committer: GroupCommitter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        committer: GroupCommitter,
+        flusher: Flusher,
+        metrics: Metrics,
+        *,
+        pool: asyncpg.Pool,
+        idempotency_ttl: float,
+        durable_timeout: float,
+    ) -> None:
         self.aggregator = aggregator
         self.committer = committer
+        self.flusher = flusher
         self.metrics = metrics
+        self.pool = pool
+        self.idempotency_ttl = idempotency_ttl
+        self.durable_timeout = durable_timeout
 
     async def accept(
         self,
@@ -91,14 +134,9 @@ class AcceptPolicy:
         durable: bool,
     ) -> Accepted:
         """Accept ``items`` (one increment or a batch, ``kind``), or raise the refusal."""
-        keyed = None
-        if idempotency_key is not None:
-            keyed = Keyed(
-                scope_of(user_id), idempotency_key, fingerprint(kind, items), tuple(items)
-            )
-        if durable:
-            return await self._commit(items, keyed)
-        if keyed is None:
+        if idempotency_key is None:
+            if durable:
+                return self._told(await self.committer.commit(Unkeyed(tuple(items))), items)
             try:
                 self.aggregator.add_many(items)
             except BackpressureError:
@@ -106,62 +144,97 @@ class AcceptPolicy:
                 raise
             self.metrics.increments.inc(len(items))
             return WRITTEN_BEHIND
-        return self._write_behind_keyed(keyed)
-
-    def _write_behind_keyed(self, keyed: Keyed) -> Accepted:
+        keyed = Keyed(
+            scope_of(user_id), idempotency_key, fingerprint(kind, items), tuple(items), durable
+        )
         if self.committer.waiting(keyed.ident):
-            raise _in_use()
+            raise _in_use(1)  # a durable request with this key waits for its commit here
+        record = self.aggregator.recorded(keyed.ident)
+        if record is None:
+            pending = self.aggregator.pending(keyed.ident)
+            if pending is not None and pending.fingerprint == keyed.fingerprint:
+                return await self._same_as_pending(keyed)
+            if pending is not None:
+                record = await self._owner(keyed, pending)
+        if record is not None:
+            return self._replay(keyed, record)
+        if durable:
+            return self._told(await self.committer.commit(keyed), items)
         try:
-            outcome = self.aggregator.add_keyed(keyed)
+            self.aggregator.add_keyed(keyed)
         except BackpressureError:
             self.metrics.backpressure_rejections.inc()
             raise
-        if outcome is KeyedOutcome.CONFLICT:
+        self.metrics.increments.inc(len(items))
+        return WRITTEN_BEHIND
+
+    def _replay(self, keyed: Keyed, record: Recorded) -> Accepted:
+        """Tell a request with a known owner what the owner was told, or 422."""
+        if record.fingerprint != keyed.fingerprint:
             self.metrics.idempotency_conflicts.labels("request").inc()
             raise _reused()
-        if outcome is KeyedOutcome.REPLAY:
-            self.metrics.idempotent_replays.labels("request").inc()
-        else:
-            self.metrics.increments.inc(len(keyed.items))
-        return WRITTEN_BEHIND  # a replay gets the answer the first one got
+        self.metrics.idempotent_replays.labels("request").inc()
+        if keyed.durable or record.durable:
+            return _committed(record.not_applied, keyed.items)
+        return WRITTEN_BEHIND
 
-    async def _commit(self, items: Sequence[Item], keyed: Keyed | None) -> Accepted:
-        if keyed is not None:
-            if self.committer.waiting(keyed.ident):
-                raise _in_use()
-            known = self.aggregator.lookup(keyed.ident)
-            if known is not None:
-                recorded, applied = known
-                if recorded != keyed.fingerprint:
-                    raise _reused()
-                # The first request with this key is committed (a durable answer is true), or
-                # is written behind (it got a 202: so does its retry).
-                return COMMITTED if applied else WRITTEN_BEHIND
-        answer = await self.committer.commit(items, keyed)
+    async def _same_as_pending(self, keyed: Keyed) -> Accepted:
+        """A retry of the request this replica holds, not yet settled."""
+        if not keyed.durable:
+            self.metrics.idempotent_replays.labels("request").inc()
+            return WRITTEN_BEHIND  # the first got 202, and so does its retry
+        pending = self.aggregator.take_pending(keyed.ident)
+        if pending is not None:
+            # Still waiting for the timer: it moves into the durable group, its record saying
+            # that its first answer was a 202.
+            return self._told(await self.committer.commit(pending), keyed.items)
+        # In flight: the timer's batch decides; its outcome, once settled, is the answer.
+        await self.flusher.until_settled(self.durable_timeout)
+        record = self.aggregator.recorded(keyed.ident)
+        if record is None:
+            raise _unknown()
+        return self._replay(keyed, record)
+
+    async def _owner(self, keyed: Keyed, pending: Keyed) -> Recorded:
+        """This replica holds another body under the key, unsettled: Postgres says whether an
+        owner is committed. None committed: 409 until this replica's next flush decides."""
+        async with db.connection(self.pool, "idempotency key store") as conn:
+            found = await lookup_records(
+                conn, [keyed.ident], self.idempotency_ttl, db.REQUEST_TIMEOUT_SECONDS
+            )
+        if keyed.ident not in found:
+            raise _in_use(max(1, math.ceil(self.flusher.next_flush_in())))
+        record, age = found[keyed.ident]
+        self.aggregator.remember(keyed.ident, record, age)
+        if record.fingerprint != pending.fingerprint and self.aggregator.take_pending(keyed.ident):
+            # The body held here lost the key: dropped now, as its flush would.
+            self.metrics.idempotency_conflicts.labels("request").inc()
+            log.warning(
+                "keyed request dropped: its Idempotency-Key was used for another body",
+                extra={"event": "idempotency-conflict", "keys": [keyed.key[:64]]},
+            )
+        return record
+
+    def _told(self, answer: DurableAnswer, items: Sequence[Item]) -> Accepted:
+        """What a durable request is answered, from its group's outcome."""
         if answer.outcome is Durable.NOT_SENT:
             raise NotCommitted(
                 "the increments could not be committed in time; nothing was applied",
                 headers={"Retry-After": "1"},
             )
         if answer.outcome is Durable.UNKNOWN:
-            raise OutcomeUnknown(
-                "no commit in time: the increments may have been applied, or may still be (the"
-                " replica keeps trying); a retry with the same Idempotency-Key is safe, one"
-                " without may count them twice",
-                headers={"Retry-After": "1"},
-            )
+            raise _unknown()
         if answer.outcome is Durable.CONFLICT:
             raise _reused()
         if answer.outcome is Durable.COMMITTED:
-            self.metrics.increments.inc(sum(1 for key, _ in items if key not in answer.rejected))
-        if answer.rejected:
-            # Some items were not applied: never a plain 204. Which ones, by their index.
-            return Accepted(
-                committed=True,
-                not_applied=tuple(
-                    NotApplied(n, key, OVERFLOW)
-                    for n, (key, _) in enumerate(items)
-                    if key in answer.rejected
-                ),
-            )
+            self.metrics.increments.inc(len(items) - len(answer.not_applied))
+        return _committed(answer.not_applied, items)
+
+
+def _committed(not_applied: Sequence[int], items: Sequence[Item]) -> Accepted:
+    if not not_applied:
         return COMMITTED
+    return Accepted(
+        committed=True,
+        not_applied=tuple(NotApplied(n, items[n][0], OVERFLOW) for n in not_applied),
+    )

@@ -10,22 +10,15 @@ known (``settle``).
 from __future__ import annotations
 
 import collections
-import enum
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import BackpressureError
-from .items import Batch, Ident, Keyed, split_wide
+from .items import Batch, Ident, Keyed, Recorded, split_wide
 
 #: How many recently applied idempotency keys a replica remembers, to answer a retry that comes
 #: back to it at once (a replay, or a 422 for another body) without asking Postgres.
 KNOWN_KEYS = 100_000
-
-
-class KeyedOutcome(enum.Enum):
-    ACCEPTED = "accepted"  # new here: it goes out with the next batch
-    REPLAY = "replay"  # this replica has it already, same body: the same answer again
-    CONFLICT = "conflict"  # this replica has it already, another body: never applied
 
 
 class Aggregator:
@@ -50,9 +43,11 @@ class Aggregator:
         self._seq = 0
         self.in_flight: Batch | None = None
         self._in_flight_keyed: dict[Ident, Keyed] = {}
-        # Keys this replica saw applied (or found applied), with their fingerprint, until
-        # the monotonic time they may be forgotten. Oldest first.
-        self._known: collections.OrderedDict[Ident, tuple[bytes, float]] = collections.OrderedDict()
+        # Keys this replica saw applied (or found applied), with their record, until the
+        # monotonic time they may be forgotten (their record time plus the TTL). Oldest first.
+        self._known: collections.OrderedDict[Ident, tuple[Recorded, float]] = (
+            collections.OrderedDict()
+        )
         self._known_ttl = idempotency_ttl
 
     def add(self, key: str, value: int) -> None:
@@ -77,50 +72,55 @@ class Aggregator:
         for key, value in items:
             pending[key] = pending.get(key, 0) + value
 
-    def add_keyed(self, request: Keyed) -> KeyedOutcome:
-        """A keyed request goes out with the next batch, unless this replica knows its key."""
-        known = self.fingerprint_of(request.ident)
-        if known is not None:
-            return KeyedOutcome.REPLAY if known == request.fingerprint else KeyedOutcome.CONFLICT
+    def add_keyed(self, request: Keyed) -> None:
+        """A keyed request goes out with the next batch (the accept policy has made sure this
+        replica knows nothing of its key)."""
         if len(self._pending) + self._keyed_items + len(request.items) > self.max_pending_keys:
             raise BackpressureError(retry_after=1)
         if not self._pending and not self._keyed:
             self._started()
         self._keyed[request.ident] = request
         self._keyed_items += len(request.items)
-        return KeyedOutcome.ACCEPTED
 
     def _started(self) -> None:
         if self._pending_since is None:
             self._pending_since = self._clock()
 
-    def fingerprint_of(self, ident: Ident) -> bytes | None:
-        """The fingerprint this replica holds for a key: pending, in flight, or applied."""
-        found = self.lookup(ident)
-        return None if found is None else found[0]
+    def pending(self, ident: Ident) -> Keyed | None:
+        """The keyed request this replica holds for a key, not yet settled: waiting for the
+        next batch, or in flight."""
+        return self._keyed.get(ident) or self._in_flight_keyed.get(ident)
 
-    def lookup(self, ident: Ident) -> tuple[bytes, bool] | None:
-        """(fingerprint, applied) of a key this replica holds: applied, or still in memory."""
-        waiting = self._keyed.get(ident) or self._in_flight_keyed.get(ident)
-        if waiting is not None:
-            return waiting.fingerprint, False
+    def in_flight_holds(self, ident: Ident) -> bool:
+        return ident in self._in_flight_keyed
+
+    def take_pending(self, ident: Ident) -> Keyed | None:
+        """Remove a keyed request that waits for the next batch (not one in flight): a durable
+        retry moves it into a durable group, or it lost its key to another body."""
+        request = self._keyed.pop(ident, None)
+        if request is not None:
+            self._keyed_items -= len(request.items)
+        return request
+
+    def recorded(self, ident: Ident) -> Recorded | None:
+        """The record of a key this replica saw applied, while it remembers it."""
         known = self._known.get(ident)
         if known is None:
             return None
         if known[1] <= self._clock():
             del self._known[ident]
             return None
-        return known[0], True
+        return known[0]
 
-    def remember(self, applied: Iterable[tuple[Ident, bytes]]) -> None:
-        """Keys found applied in Postgres, for the retries that come back here."""
-        until = self._clock() + self._known_ttl
-        known = self._known
-        for ident, fingerprint in applied:
-            known.pop(ident, None)
-            known[ident] = (fingerprint, until)
-        while len(known) > KNOWN_KEYS:
-            known.popitem(last=False)
+    def remember(self, ident: Ident, record: Recorded, age: float = 0.0) -> None:
+        """A key found applied (``age`` seconds ago, by Postgres's clock), for the retries that
+        come back here: remembered until its record time plus the TTL. Remembering it again
+        (a replay) does not extend that."""
+        if ident in self._known:
+            return
+        self._known[ident] = (record, self._clock() + max(0.0, self._known_ttl - age))
+        while len(self._known) > KNOWN_KEYS:
+            self._known.popitem(last=False)
 
     def freeze(self) -> Batch | None:
         """The batch to apply next: the one in flight if any, else what is pending now."""

@@ -17,7 +17,6 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Sequence
 
 import asyncpg
 
@@ -25,7 +24,7 @@ from ..errors import BackpressureError
 from ..metrics import Metrics
 from .aggregator import Aggregator
 from .backoff import Backoff
-from .items import Batch, Ident, Item, Keyed, split_wide
+from .items import Batch, Ident, Keyed, Recorded, Request
 from .settle import record_rejections, settle_keyed
 from .store import Applied, apply_batch
 
@@ -48,15 +47,18 @@ class Durable(enum.Enum):
 @dataclasses.dataclass(frozen=True, slots=True)
 class DurableAnswer:
     outcome: Durable
-    rejected: frozenset[str] = frozenset()  # counter keys whose total would leave bigint
+    #: The indexes of the request's items that were not applied (their counter would have
+    #: left bigint): this request's own, or, for a replay, what its first answer said.
+    not_applied: tuple[int, ...] = ()
+    #: For a replay or a conflict: the record of the key (who owns it, what it was told).
+    record: Recorded | None = None
 
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Waiting:
     """A durable request waiting for the commit of its group."""
 
-    items: tuple[Item, ...]
-    keyed: Keyed | None
+    request: Request
     answer: asyncio.Future[DurableAnswer]
     sent: bool = False  # its group's statement went to Postgres
     abandoned: bool = False  # answered 503 before it was sent: it must never be
@@ -104,18 +106,19 @@ class GroupCommitter:
 
     @property
     def waiting_items(self) -> int:
-        return sum(len(w.items) for w in self._waiting)
+        return sum(len(w.request.items) for w in self._waiting)
 
-    async def commit(self, items: Sequence[Item], keyed: Keyed | None = None) -> DurableAnswer:
-        """Commit ``items`` (and ``keyed``'s key) with the next group, and say how it went."""
+    async def commit(self, request: Request) -> DurableAnswer:
+        """Commit ``request`` (and its key, if it has one) with the next group, and say how it
+        went."""
         pending = self.aggregator.pending_keys + self.waiting_items
-        if pending + len(items) > self.aggregator.max_pending_keys:
+        if pending + len(request.items) > self.aggregator.max_pending_keys:
             self.metrics.backpressure_rejections.inc()
             raise BackpressureError(retry_after=1)
-        waiting = _Waiting(tuple(items), keyed, asyncio.get_running_loop().create_future())
+        waiting = _Waiting(request, asyncio.get_running_loop().create_future())
         self._waiting.append(waiting)
-        if keyed is not None:
-            self._waiting_keys[keyed.ident] = waiting
+        if isinstance(request, Keyed):
+            self._waiting_keys[request.ident] = waiting
         self._wakeup.set()
         started = time.perf_counter()
         try:
@@ -144,8 +147,9 @@ class GroupCommitter:
             await self._task
 
     def _forget(self, waiting: _Waiting) -> None:
-        if waiting.keyed is not None and self._waiting_keys.get(waiting.keyed.ident) is waiting:
-            del self._waiting_keys[waiting.keyed.ident]
+        request = waiting.request
+        if isinstance(request, Keyed) and self._waiting_keys.get(request.ident) is waiting:
+            del self._waiting_keys[request.ident]
         with contextlib.suppress(ValueError):
             self._waiting.remove(waiting)
 
@@ -208,43 +212,36 @@ class GroupCommitter:
                 )
                 await asyncio.sleep(wait)
                 continue
-            if applied.rejected:
-                record_rejections(self.metrics, batch, applied.rejected)
+            record_rejections(self.metrics, batch, applied)
             if batch.keyed:
                 settle_keyed(self.aggregator, self.metrics, batch, applied)
             self._answer(group, batch, applied)
             return
 
     def _group_batch(self, group: list[_Waiting]) -> Batch:
-        """One batch of a group: unkeyed items summed per counter key, keyed ones as they are."""
-        sums: dict[str, int] = {}
-        keyed: list[Keyed] = []
-        for waiting in group:
-            if waiting.keyed is not None:
-                keyed.append(waiting.keyed)
-                continue
-            for key, value in waiting.items:
-                sums[key] = sums.get(key, 0) + value
-        keys, deltas, wide = split_wide(sums)
+        """One batch of a group: its requests in the order they came, never summed together
+        (each is applied or refused as if it had committed alone)."""
         self._seq += 1
-        return Batch(self.durable_id, self._seq, keys, deltas, time.monotonic(), wide, tuple(keyed))
+        requests = tuple(waiting.request for waiting in group)
+        return Batch(self.durable_id, self._seq, [], [], time.monotonic(), requests=requests)
 
     def _answer(self, group: list[_Waiting], batch: Batch, applied: Applied) -> None:
-        rejected = frozenset(applied.rejected)
-        position = {request.ident: n for n, request in enumerate(batch.keyed)}
-        for waiting in group:
-            if waiting.answer.done():
-                continue
-            outcome = Durable.COMMITTED
-            if waiting.keyed is not None:
-                n = position[waiting.keyed.ident]
-                if n not in applied.claimed:
-                    recorded = applied.recorded_before.get(n)
-                    same = recorded is None or recorded == waiting.keyed.fingerprint
-                    outcome = Durable.REPLAY if same else Durable.CONFLICT
-            mine = frozenset(k for k, _ in waiting.items) & rejected
-            if outcome is Durable.COMMITTED or not applied.fresh:
-                # A retry that found its own group applied earlier: committed then.
-                waiting.answer.set_result(DurableAnswer(outcome, mine))
-            else:
-                waiting.answer.set_result(DurableAnswer(outcome))
+        # The group's requests are the batch's, in the same order.
+        for n, waiting in enumerate(group):
+            if not waiting.answer.done():
+                waiting.answer.set_result(_answer_of(n, waiting.request, applied))
+
+
+def _answer_of(n: int, request: Request, applied: Applied) -> DurableAnswer:
+    """What the ``n``-th request of a group is told."""
+    mine = applied.not_applied.get(n, ())
+    if not isinstance(request, Keyed) or n in applied.claimed:
+        return DurableAnswer(Durable.COMMITTED, mine)
+    record = applied.recorded_before.get(n)
+    if record is None:
+        # Found applied, its record not seen: a retry of this very group, whose first
+        # attempt committed (then its own outcome), or a record that expired meanwhile.
+        return DurableAnswer(Durable.REPLAY, mine)
+    if record.fingerprint == request.fingerprint:
+        return DurableAnswer(Durable.REPLAY, record.not_applied, record)
+    return DurableAnswer(Durable.CONFLICT, record=record)

@@ -61,6 +61,9 @@ class Flusher:
         # Which idempotency partition was last emptied, in which bucket (store.py).
         self._emptied: tuple[int, int] | None = None
         self._next_expiry = time.monotonic()
+        self._next_flush_at = time.monotonic() + flush_interval
+        # Set (and replaced) each time a batch in flight is settled.
+        self._settled = asyncio.Event()
 
     def start(self, offset: float = 0.0) -> None:
         """Start the loops; the first flush comes ``offset`` seconds later than an interval
@@ -78,8 +81,20 @@ class Flusher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def next_flush_in(self) -> float:
+        """Seconds to this replica's next flush (0 if it is due or running)."""
+        return max(0.0, self._next_flush_at - time.monotonic())
+
+    async def until_settled(self, within: float) -> None:
+        """Wait, at most ``within`` seconds, for the batch in flight to be settled."""
+        if self.aggregator.in_flight is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), within)
+
     async def _run(self, delay: float) -> None:
         while True:
+            self._next_flush_at = time.monotonic() + delay
             await asyncio.sleep(delay)
             started = time.monotonic()
             try:
@@ -148,11 +163,12 @@ class Flusher:
         self.backoff.succeeded()
         self.last_error = None
         self.aggregator.settle(batch)
+        self._settled.set()
+        self._settled = asyncio.Event()
         self.metrics.flush_duration.observe(duration)
         self.metrics.flush_keys.observe(len(batch.keys))
-        if applied.rejected:
-            record_rejections(self.metrics, batch, applied.rejected)
-        if batch.keyed:
+        record_rejections(self.metrics, batch, applied)
+        if batch.requests:
             settle_keyed(self.aggregator, self.metrics, batch, applied)
         log.info(
             "flush applied",

@@ -18,12 +18,16 @@ Item = tuple[str, int]  # (counter key, value)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Keyed:
-    """A request with an Idempotency-Key: applied whole, once, or not at all."""
+    """A request with an Idempotency-Key: applied once (each of its items, or its refusal,
+    as if it had committed alone), or not at all."""
 
     scope: str  # whose keys these are: a user, or the open routes (accept.scope_of)
     key: str
     fingerprint: bytes  # the route kind and the items (accept.fingerprint)
     items: tuple[Item, ...]
+    #: Its first answer is a durable one (the key's record says so to every retry); False:
+    #: it was answered 202 (even when a durable retry later moves it into a durable group).
+    durable: bool = False
 
     @property
     def ident(self) -> Ident:
@@ -31,7 +35,32 @@ class Keyed:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Unkeyed:
+    """A durable request without an Idempotency-Key: applied as if it had committed alone."""
+
+    items: tuple[Item, ...]
+
+
+Request = Keyed | Unkeyed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recorded:
+    """A key's record: which body owns it, and what its first answer said."""
+
+    fingerprint: bytes
+    durable: bool = False  # the first answer was a durable 204/200; else a 202
+    not_applied: tuple[int, ...] = ()  # the indexes of the items that were not applied
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Batch:
+    """What one statement applies. The timer's batches carry the summed deltas of the
+    written-behind increments (``keys``/``deltas``/``wide``) and the keyed requests; a durable
+    group carries its requests only, never summed together. ``requests`` are in commit order:
+    each is applied or refused as if it had committed alone, in that order, and the summed
+    deltas come last."""
+
     replica_id: str
     seq: int
     keys: list[str]  # in no particular order: the statement sorts them
@@ -40,12 +69,16 @@ class Batch:
     # Keys whose delta summed over the interval does not fit a bigint (thousands of huge
     # increments to one key): sent as numeric, applied if the stored total still fits.
     wide: dict[str, int] = dataclasses.field(default_factory=dict)
-    keyed: tuple[Keyed, ...] = ()
+    requests: tuple[Request, ...] = ()
+
+    @property
+    def keyed(self) -> tuple[Keyed, ...]:
+        return tuple(r for r in self.requests if isinstance(r, Keyed))
 
     @property
     def size(self) -> int:
-        """Keys and keyed items: what the batch holds against MAX_PENDING_KEYS."""
-        return len(self.keys) + len(self.wide) + sum(len(k.items) for k in self.keyed)
+        """Keys and request items: what the batch holds against MAX_PENDING_KEYS."""
+        return len(self.keys) + len(self.wide) + sum(len(r.items) for r in self.requests)
 
 
 def split_wide(sums: Mapping[str, int]) -> tuple[list[str], list[int], dict[str, int]]:

@@ -59,7 +59,15 @@ class WriteBehind:
             durable_timeout=durable_timeout,
             idempotency_ttl=idempotency_ttl,
         )
-        self._policy = AcceptPolicy(self.aggregator, self.committer, metrics)
+        self._policy = AcceptPolicy(
+            self.aggregator,
+            self.committer,
+            self.flusher,
+            metrics,
+            pool=pool,
+            idempotency_ttl=idempotency_ttl,
+            durable_timeout=durable_timeout,
+        )
 
     @property
     def replica_id(self) -> str:

@@ -5,37 +5,37 @@ rejected deltas counted and logged."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from ..metrics import Metrics
 from .aggregator import Aggregator
-from .items import Batch, Ident, Keyed
+from .items import Batch, Keyed, Recorded
 from .store import Applied
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
 
 
 def settle_keyed(aggregator: Aggregator, metrics: Metrics, batch: Batch, applied: Applied) -> None:
-    """Remember what was applied; count (and log) the keyed requests that were not."""
-    found: list[tuple[Ident, bytes]] = []
+    """Remember every key the batch carried, with its record (what its first answer said);
+    count (and log) the keyed requests that were not applied."""
     conflicts: list[Keyed] = []
-    for n, request in enumerate(batch.keyed):
-        if n in applied.claimed:
-            found.append((request.ident, request.fingerprint))
+    for n, request in enumerate(batch.requests):
+        if not isinstance(request, Keyed):
             continue
         recorded = applied.recorded_before.get(n)
-        if recorded is None or recorded == request.fingerprint:
-            # Applied before, by this request's first attempt (on this or another replica),
-            # or by a statement that committed while this one ran (unseen: the same key
-            # from two replicas at once is a retry, hence the same body, almost surely).
+        if n in applied.claimed or recorded is None:
+            # Applied by this batch; or, found applied and its record not seen (a retry of
+            # this very batch, the record expired meanwhile): its own outcome.
+            mine = Recorded(request.fingerprint, request.durable, applied.not_applied.get(n, ()))
+            aggregator.remember(request.ident, mine)
+            continue
+        if recorded.fingerprint == request.fingerprint:
+            # Applied before, by this request's first attempt (on this or another replica).
             metrics.idempotent_replays.labels("flush").inc()
-            found.append((request.ident, recorded or request.fingerprint))
         else:
             # Another body under a key already used: never applied.
             metrics.idempotency_conflicts.labels("flush").inc()
             conflicts.append(request)
-            found.append((request.ident, recorded))
-    aggregator.remember(found)
+        aggregator.remember(request.ident, recorded, applied.recorded_age.get(n, 0.0))
     if conflicts:
         log.warning(
             "keyed requests dropped: their Idempotency-Key was used for another body",
@@ -49,16 +49,21 @@ def settle_keyed(aggregator: Aggregator, metrics: Metrics, batch: Batch, applied
         )
 
 
-def record_rejections(metrics: Metrics, batch: Batch, keys: Sequence[str]) -> None:
-    """Deltas that were not applied: their totals would have left bigint."""
-    metrics.overflow_rejected.inc(len(keys))
+def record_rejections(metrics: Metrics, batch: Batch, applied: Applied) -> None:
+    """Deltas that were not applied (their totals would have left bigint): of the summed
+    deltas, by counter key; of requests, by item."""
+    items = sum(len(indexes) for indexes in applied.not_applied.values())
+    if not applied.rejected and not items:
+        return
+    metrics.overflow_rejected.inc(len(applied.rejected) + items)
     log.error(
         "deltas rejected: the counter would leave the bigint range",
         extra={
             "event": "overflow",
             "replica_id": batch.replica_id,
             "seq": batch.seq,
-            "rejected_keys": list(keys[:20]),
-            "rejected": len(keys),
+            "rejected_keys": list(applied.rejected[:20]),
+            "rejected": len(applied.rejected),
+            "rejected_items": items,
         },
     )

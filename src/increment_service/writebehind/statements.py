@@ -52,17 +52,31 @@ ORDER BY d.key COLLATE "C"
 {_ADD_TO_COUNTER}
 """
 
-# Applies `delta` (keys whose sum fits a bigint) and `wide` (the rare sums that do not), which
-# the statement defines before it. A key whose new total would leave bigint is not updated
-# (the WHERE of DO UPDATE) and is reported back as rejected (and recorded in
-# batch_rejections, where a retry of the batch finds it); every other key is still applied.
-# A wide delta can only update an existing row whose total then still fits, since a new row
-# would hold the delta itself.
-_APPLY = f"""
+
+# Applies `delta` (key, delta, at: keys whose sum fits a bigint) and `wide` (the rare sums that
+# do not), which the statement defines before it. A key whose new total would leave bigint is
+# not updated (the WHERE of DO UPDATE) and is reported back as rejected; every other key is
+# still applied. A wide delta can only update an existing row whose total then still fits,
+# since a new row would hold the delta itself. `at` is the new updated_at: now(), or
+# -infinity to lock a row without touching it (greatest() keeps the stored time).
+def _apply(record_rejections: bool) -> str:
+    """The apply fragment; ``record_rejections``: the rejected keys go to batch_rejections, where
+    a retry of the batch finds them (the statement with requests records them per request)."""
+    recorded = (
+        """, recorded AS (
+    INSERT INTO batch_rejections (replica_id, seq, keys, recorded_at)
+    SELECT $1, $2, keys, now() FROM rejected WHERE cardinality(keys) > 0
+)"""
+        if record_rejections
+        else ""
+    )
+    return f"""
 upserted AS (
     INSERT INTO counters AS c (key, value, updated_at)
-    SELECT key, delta, now() FROM delta ORDER BY key COLLATE "C"
-    {_ADD_TO_COUNTER}
+    SELECT key, delta, at FROM delta ORDER BY key COLLATE "C"
+    ON CONFLICT (key) DO UPDATE
+        SET value = c.value + excluded.value,
+            updated_at = greatest(c.updated_at, excluded.updated_at)
         -- The sum stays inside bigint, tested without computing it (which would overflow).
         WHERE CASE WHEN excluded.value >= 0
                    THEN c.value <= 9223372036854775807 - excluded.value
@@ -85,126 +99,182 @@ upserted AS (
                     UNION ALL
                     (SELECT key FROM wide EXCEPT ALL SELECT key FROM widened))
                 ELSE '{{}}'::text[] END AS keys
-), recorded AS (
-    INSERT INTO batch_rejections (replica_id, seq, keys, recorded_at)
-    SELECT $1, $2, keys, now() FROM rejected WHERE cardinality(keys) > 0
-)
+){recorded}
 SELECT EXISTS (SELECT FROM fresh) AS fresh, (SELECT keys FROM rejected) AS rejected"""
+
 
 _WIDE_ROWS = "unnest($5::text[], $6::numeric[])"
 
 # Summed deltas, with which keys were rejected ($3 keys joined, $4 deltas joined; $5/$6 the
 # wide ones as arrays).
 APPLY_BATCH_SQL = f"""{_RECORD_BATCH}, delta AS (
-    SELECT d.key, d.delta
+    SELECT d.key, d.delta, now() AS at
     FROM {_unnest_joined("$3", "$4")} AS d (key, delta)
     WHERE EXISTS (SELECT FROM fresh)
 ), wide AS (
     SELECT w.key, w.delta
     FROM {_WIDE_ROWS} AS w (key, delta)
     WHERE EXISTS (SELECT FROM fresh)
-), {_APPLY}"""
+), {_apply(record_rejections=True)}"""
+
+#: The bucket of a key's record and the live window: a record is live for
+#: IDEMPOTENCY_TTL_SECONDS ($ttl) after it was recorded (Postgres's clock), and so lies in the
+#: current bucket's partition or the one before.
+_BUCKET = "floor(extract(epoch FROM now()) / {ttl})::bigint"
 
 
-def _claim(bucket: str, where: str) -> str:
-    """Insert each request's key into the partition of ``bucket``; a row left there from an
-    older bucket is stale and is taken over. Returns the keys it claimed."""
-    return f"""
-    INSERT INTO idempotency_keys AS k (slot, scope, key, bucket, fingerprint, recorded_at)
-    SELECT (({bucket}) % $15::bigint)::smallint, r.scope, r.key, {bucket},
-           r.fingerprint, now()
-    FROM request AS r CROSS JOIN generation AS g
-    WHERE {where}
+def _live(ttl: str, slots: str) -> str:
+    """The condition on a record ``k`` of idempotency_keys to be live."""
+    bucket = _BUCKET.format(ttl=ttl)
+    return f"""k.slot IN (({bucket} % {slots}::bigint)::smallint,
+                  (({bucket} - 1) % {slots}::bigint)::smallint)
+          AND k.recorded_at > now() - make_interval(secs => {ttl}::double precision)"""
+
+
+# Before a batch claims its keys: a transaction-level advisory lock per key, taken in one
+# order, so that two statements claiming one key (on two replicas) run one after the other,
+# and the second, whose snapshot starts after the first committed, sees its record. ($1
+# scopes, $2 keys.)
+LOCK_KEYS_SQL = """
+SELECT count(pg_advisory_xact_lock(h)) FROM (
+    SELECT DISTINCT hashtextextended(s || E'\\x1f' || k, 0) AS h
+    FROM unnest($1::text[], $2::text[]) AS t (s, k)
+    ORDER BY h
+) AS locks
+"""
+
+# A batch with requests ($7-$10 one per request: scope, key, fingerprint (NULL for a request
+# without an Idempotency-Key) and whether its first answer is durable; $11 the request
+# (1-based) of each item, $12 the items' counter keys (joined), $13 their values (joined);
+# $14 IDEMPOTENCY_TTL_SECONDS, $15 the number of partitions (tables.IDEMPOTENCY_SLOTS)),
+# besides the summed deltas ($3-$6). A keyed request counts only if its key is claimed:
+# inserted into the current bucket's partition, where no live record of it exists. Each
+# request applies its items per counter as if it had committed alone, in order: a counter
+# that only one request (or only the summed deltas) changes is applied or refused here; a
+# counter that several change is only locked here (in the same order as every other row, so
+# that statements cannot deadlock), and store.py settles it, request by request, on the
+# locked row.
+APPLY_REQUESTS_SQL = f"""{_RECORD_BATCH}, request AS (
+    SELECT r.n, r.scope, r.key, r.fingerprint, r.durable
+    FROM unnest($7::text[], $8::text[], $9::bytea[], $10::boolean[])
+        WITH ORDINALITY AS r (scope, key, fingerprint, durable, n)
+    WHERE EXISTS (SELECT FROM fresh)
+), live AS (
+    SELECT r.n, k.fingerprint, coalesce(k.durable, false) AS durable, k.not_applied,
+           extract(epoch FROM now() - k.recorded_at)::double precision AS age
+    FROM request AS r
+    JOIN idempotency_keys AS k ON k.scope = r.scope AND k.key = r.key
+    WHERE {_live("$14", "$15")}
+), claim AS (
+    INSERT INTO idempotency_keys AS k
+        (slot, scope, key, bucket, fingerprint, recorded_at, durable)
+    SELECT ({_BUCKET.format(ttl="$14")} % $15::bigint)::smallint, r.scope, r.key,
+           {_BUCKET.format(ttl="$14")}, r.fingerprint, now(), r.durable
+    FROM request AS r
+    WHERE r.key IS NOT NULL AND r.n NOT IN (SELECT n FROM live)
     ORDER BY r.scope COLLATE "C", r.key COLLATE "C"
     ON CONFLICT (slot, scope, key) DO UPDATE
         SET bucket = excluded.bucket, fingerprint = excluded.fingerprint,
-            recorded_at = excluded.recorded_at
-        WHERE k.bucket < excluded.bucket
-    RETURNING k.scope, k.key"""
-
-
-# With keyed requests: $7 scopes, $8 keys, $9 fingerprints (one per request), $10 the request
-# (1-based) of each item, $11 the items' counter keys (joined), $12 their values (joined), $13
-# the bucket width (IDEMPOTENCY_TTL_SECONDS), $14 GRACE_SECONDS, $15 the number of partitions
-# (tables.IDEMPOTENCY_SLOTS). A request's items count only if its key is claimed: inserted into
-# the current bucket's partition (and, within GRACE_SECONDS of the bucket's start, into the
-# previous bucket's one as well; see store.py). Keyed items and summed deltas meet in one sum
-# per counter key (numeric: a sum of items may leave bigint; the `wide` path takes those).
-APPLY_KEYED_BATCH_SQL = f"""{_RECORD_BATCH}, generation AS (
-    SELECT b AS bucket, extract(epoch FROM now()) - b * $13 < $14 AS near
-    FROM (SELECT floor(extract(epoch FROM now()) / $13)::bigint AS b) AS t
-), request AS (
-    SELECT r.n, r.scope, r.key, r.fingerprint
-    FROM unnest($7::text[], $8::text[], $9::bytea[])
-        WITH ORDINALITY AS r (scope, key, fingerprint, n)
-    WHERE EXISTS (SELECT FROM fresh)
-), earlier_claim AS ({_claim("g.bucket - 1", "g.near")}
-), claim AS ({
-    _claim(
-        "g.bucket",
-        '''CASE WHEN g.near
-               THEN EXISTS (
-                   SELECT FROM earlier_claim AS e WHERE e.scope = r.scope AND e.key = r.key)
-               ELSE NOT EXISTS (
-                   SELECT FROM idempotency_keys AS e
-                   WHERE e.slot = ((g.bucket - 1) % $15::bigint)::smallint
-                     AND e.scope = r.scope AND e.key = r.key AND e.bucket = g.bucket - 1)
-          END''',
-    )
-}
-), claimed AS (
+            recorded_at = excluded.recorded_at, durable = excluded.durable, not_applied = NULL
+        -- A record past its TTL, in a partition not emptied yet, is taken over.
+        WHERE k.recorded_at <= now() - make_interval(secs => $14::double precision)
+    RETURNING k.scope, k.key
+), applied_request AS (
+    SELECT r.n FROM request AS r WHERE r.key IS NULL
+    UNION ALL
     SELECT r.n FROM request AS r JOIN claim AS c ON c.scope = r.scope AND c.key = r.key
+), contribution AS (
+    SELECT i.key, sum(i.value)::numeric AS delta
+    FROM {_unnest_joined("$12", "$13", first="$11::bigint[], ")} AS i (n, key, value)
+    WHERE i.n IN (SELECT n FROM applied_request)
+    GROUP BY i.n, i.key
+    UNION ALL
+    SELECT u.key, u.delta::numeric
+    FROM {_unnest_joined("$3", "$4")} AS u (key, delta)
+    WHERE EXISTS (SELECT FROM fresh)
+    UNION ALL
+    SELECT w.key, w.delta
+    FROM {_WIDE_ROWS} AS w (key, delta)
+    WHERE EXISTS (SELECT FROM fresh)
 ), every_delta AS (
-    SELECT d.key, sum(d.delta) AS delta
-    FROM (
-        SELECT u.key, u.delta::numeric
-        FROM {_unnest_joined("$3", "$4")} AS u (key, delta)
-        WHERE EXISTS (SELECT FROM fresh)
-        UNION ALL
-        SELECT w.key, w.delta
-        FROM {_WIDE_ROWS} AS w (key, delta)
-        WHERE EXISTS (SELECT FROM fresh)
-        UNION ALL
-        SELECT i.key, i.value::numeric
-        FROM {_unnest_joined("$11", "$12", first="$10::bigint[], ")} AS i (n, key, value)
-        WHERE i.n IN (SELECT n FROM claimed)
-    ) AS d
-    GROUP BY d.key
+    SELECT key, sum(delta) AS delta, count(*) AS parts FROM contribution GROUP BY key
 ), delta AS (
-    SELECT key, delta::bigint AS delta FROM every_delta
-    WHERE delta BETWEEN -9223372036854775808 AND 9223372036854775807
+    SELECT key, CASE WHEN parts = 1 THEN delta::bigint ELSE 0 END AS delta,
+           CASE WHEN parts = 1 THEN now() ELSE '-infinity'::timestamptz END AS at
+    FROM every_delta
+    WHERE parts > 1 OR delta BETWEEN -9223372036854775808 AND 9223372036854775807
 ), wide AS (
     SELECT key, delta FROM every_delta
-    WHERE NOT delta BETWEEN -9223372036854775808 AND 9223372036854775807
-), {_APPLY},
-    ARRAY (SELECT n FROM claimed ORDER BY n) AS claimed,
-    -- What is recorded for the keys that were not claimed, as far as this statement can see
-    -- (a claim committed by a concurrent statement after it began is not visible).
-    ARRAY (
-        SELECT ROW (r.n, k.fingerprint)
-        FROM request AS r CROSS JOIN generation AS g
-        JOIN idempotency_keys AS k
-          ON k.scope = r.scope AND k.key = r.key AND k.bucket >= g.bucket - 1
-         AND k.slot IN ((g.bucket % $15::bigint)::smallint,
-                        ((g.bucket - 1) % $15::bigint)::smallint)
-        WHERE r.n NOT IN (SELECT n FROM claimed)
-        ORDER BY r.n
-    ) AS recorded_before"""
+    WHERE parts = 1 AND NOT delta BETWEEN -9223372036854775808 AND 9223372036854775807
+), {_apply(record_rejections=False)},
+    ARRAY (SELECT n FROM applied_request ORDER BY n) AS applied,
+    ARRAY (SELECT key FROM every_delta WHERE parts > 1) AS shared,
+    -- The live records of the keys that were not claimed, as far as this statement can see,
+    -- as parallel arrays (not_applied joined by commas).
+    ARRAY (SELECT n FROM live ORDER BY n) AS recorded_n,
+    ARRAY (SELECT fingerprint FROM live ORDER BY n) AS recorded_fingerprint,
+    ARRAY (SELECT durable FROM live ORDER BY n) AS recorded_durable,
+    ARRAY (SELECT coalesce(array_to_string(not_applied, ','), '') FROM live ORDER BY n)
+        AS recorded_not_applied,
+    ARRAY (SELECT age FROM live ORDER BY n) AS recorded_age"""
 
-PRUNE_SQL = (
-    "WITH batches AS (DELETE FROM applied_batches WHERE applied_at < now() - interval '1 day')"
-    " DELETE FROM batch_rejections WHERE recorded_at < now() - interval '1 day'"
+# The counters several requests of a batch change, locked by the statement above: their
+# values, and which rows it inserted as placeholders (nothing applied yet).
+LOCKED_COUNTERS_SQL = """
+SELECT key, value, updated_at = '-infinity' AS placeholder
+FROM counters WHERE key = ANY($1::text[])
+ORDER BY key COLLATE "C"
+FOR UPDATE
+"""
+SET_COUNTERS_SQL = """
+UPDATE counters AS c SET value = u.value, updated_at = now()
+FROM unnest($1::text[], $2::bigint[]) AS u (key, value)
+WHERE c.key = u.key
+"""
+DROP_PLACEHOLDERS_SQL = (
+    "DELETE FROM counters WHERE key = ANY($1::text[]) AND updated_at = '-infinity'"
 )
+
+# What a batch with requests did not apply: per request ($3 the requests, 1-based; $4 the
+# indexes of their items, joined by commas), per key of the summed deltas ($5), and with the
+# keys it claimed ($6 scopes, $7 keys, $8 indexes joined; $9 IDEMPOTENCY_TTL_SECONDS, $10 the
+# partitions). The claims were inserted by this transaction, at its now().
+RECORD_REJECTIONS_SQL = f"""
+WITH per_request AS (
+    INSERT INTO request_rejections (replica_id, seq, request, items, recorded_at)
+    SELECT $1, $2, r.n, string_to_array(r.items, ',')::integer[], now()
+    FROM unnest($3::integer[], $4::text[]) AS r (n, items)
+), per_key AS (
+    INSERT INTO batch_rejections (replica_id, seq, keys, recorded_at)
+    SELECT $1, $2, $5::text[], now() WHERE cardinality($5::text[]) > 0
+)
+UPDATE idempotency_keys AS k SET not_applied = string_to_array(u.items, ',')::integer[]
+FROM unnest($6::text[], $7::text[], $8::text[]) AS u (scope, key, items)
+WHERE k.slot = ({_BUCKET.format(ttl="$9")} % $10::bigint)::smallint
+  AND k.scope = u.scope AND k.key = u.key AND k.recorded_at = now()
+"""
+
+# A retry of a batch applied before: what it did not apply then.
+REQUEST_REJECTIONS_SQL = (
+    "SELECT request, items FROM request_rejections WHERE replica_id = $1 AND seq = $2"
+)
+
+PRUNE_SQL = """
+WITH batches AS (DELETE FROM applied_batches WHERE applied_at < now() - interval '1 day'),
+requests AS (DELETE FROM request_rejections WHERE recorded_at < now() - interval '1 day')
+DELETE FROM batch_rejections WHERE recorded_at < now() - interval '1 day'
+"""
 BUCKET_SQL = """
 SELECT b AS bucket, (b + 1) * $1 - extract(epoch FROM clock_timestamp()) AS left
 FROM (SELECT floor(extract(epoch FROM clock_timestamp()) / $1)::bigint AS b) AS t
 """
-# The newest record of each key (its fingerprint), whatever its bucket: only asked about keys a
-# statement just failed to claim, so a record it finds is within the last two buckets.
-RECORDED_SQL = """
-SELECT DISTINCT ON (k.scope, k.key) k.scope, k.key, k.fingerprint
+# The live records of some keys ($1 scopes, $2 keys; $3 IDEMPOTENCY_TTL_SECONDS, $4 the
+# partitions): a primary-key lookup in the two partitions a live record can be in.
+RECORDED_SQL = f"""
+SELECT k.scope, k.key, k.fingerprint, coalesce(k.durable, false) AS durable, k.not_applied,
+       extract(epoch FROM now() - k.recorded_at)::double precision AS age
 FROM unnest($1::text[], $2::text[]) AS r (scope, key)
 JOIN idempotency_keys AS k ON k.scope = r.scope AND k.key = r.key
-ORDER BY k.scope, k.key, k.bucket DESC
+WHERE {_live("$3", "$4")}
 """
 REJECTED_BEFORE_SQL = "SELECT keys FROM batch_rejections WHERE replica_id = $1 AND seq = $2"

@@ -7,55 +7,70 @@ adds nothing (no double counting).
 
 **Idempotency keys.** A request with an ``Idempotency-Key`` cannot be summed into the dict: the
 same key may reach two replicas, and only the first to commit may count. So a batch carries
-keyed requests one by one, and its statement inserts their keys (sorted, before any counter,
-so replicas cannot deadlock) with ``ON CONFLICT``, adding only the items of the keys that were
-new. Keys live in ``idempotency_keys``, a ring of four partitions by time bucket
-(``floor(epoch / ttl)``, Postgres's clock): a key is looked up in the current bucket and the
-one before, and the partition two buckets behind is emptied with ``TRUNCATE``
-(``empty_next_partition``; migration 0004). Near the start of a bucket a statement may run
-beside one that began in the bucket before, and neither would see the other's uncommitted key;
-so for the first ``GRACE_SECONDS`` of a bucket keys are claimed in the previous bucket's
-partition too, where the two statements meet on one unique index. Past the grace, every
-statement of the previous bucket has ended (a server-side ``statement_timeout`` well below the
-grace bounds them), and a plain lookup sees its keys.
+keyed requests one by one; its transaction first takes an advisory lock per key (in one order:
+two statements claiming one key run one after the other, and the second sees the first's
+record), then its statement inserts each key (sorted, before any counter, so replicas cannot
+deadlock) where no live record of it exists, adding only the items of the keys it claimed.
+Keys live in ``idempotency_keys``, a ring of four partitions by time bucket (``floor(epoch /
+ttl)``, Postgres's clock), each key written once, into its bucket's partition: a record is
+live for ``IDEMPOTENCY_TTL_SECONDS`` after it was made, and so lies in the current bucket's
+partition or the one before; the partition the next bucket will use (three buckets old) is
+emptied with ``TRUNCATE`` (``empty_next_partition``; migrations 0004 and 0005).
+
+**What was answered.** Each key's record keeps what its request's first answer said (durable
+or not, and which items were not applied), so that every retry is told the same, on every
+replica; ``request_rejections`` keeps the same per batch and request, for the retry of a
+batch whose commit outcome was unknown.
+
+**In order.** The requests of a batch are applied as if each had committed alone, in order,
+and the summed deltas last. A counter that only one of them changes is applied or refused by
+the statement; a counter that several change is locked by it and settled here, request by
+request, on the locked row (rare: the same counter in two requests of one batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import asyncpg
 
 from ..db import Connection
 from ..tables import IDEMPOTENCY_SLOTS
-from .items import KEY_SEPARATOR, Batch
+from .items import INT64_MAX, INT64_MIN, KEY_SEPARATOR, Batch, Ident, Keyed, Recorded
 from .statements import (
     APPLY_BATCH_SQL,
-    APPLY_KEYED_BATCH_SQL,
     APPLY_PLAIN_BATCH_SQL,
+    APPLY_REQUESTS_SQL,
     BUCKET_SQL,
+    DROP_PLACEHOLDERS_SQL,
+    LOCK_KEYS_SQL,
+    LOCKED_COUNTERS_SQL,
     PRUNE_SQL,
+    RECORD_REJECTIONS_SQL,
     RECORDED_SQL,
     REJECTED_BEFORE_SQL,
+    REQUEST_REJECTIONS_SQL,
+    SET_COUNTERS_SQL,
 )
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
-
-#: After a bucket starts, how long keys are claimed in the previous bucket's partition too.
-#: It must exceed the longest a statement can run: the pool's statement_timeout (db.py).
-GRACE_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Applied:
     fresh: bool  # False: this batch id had already been applied by an earlier attempt
-    rejected: list[str]  # keys whose total would have left the bigint range
-    # Keyed requests (indexes into batch.keyed) whose key was new: their items were applied.
+    rejected: list[str]  # keys of the summed deltas whose total would have left bigint
+    # Requests (indexes into batch.requests) this statement applied: those without a key and
+    # those whose key was new. (Empty when not fresh.)
     claimed: frozenset[int] = frozenset()
-    # For the others, the fingerprint recorded for their key, where the statement saw it.
-    recorded_before: dict[int, bytes] = dataclasses.field(default_factory=dict)
+    # For the keyed requests it did not claim, their key's live record, and its age (s).
+    recorded_before: dict[int, Recorded] = dataclasses.field(default_factory=dict)
+    recorded_age: dict[int, float] = dataclasses.field(default_factory=dict)
+    # Per request: the indexes of its items that were not applied (absent: all applied).
+    not_applied: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _joined(items: Iterable[tuple[str, int]]) -> tuple[str, str]:
@@ -75,16 +90,41 @@ async def _rejected_before(conn: Connection, batch: Batch, statement_timeout: fl
     return list(before or [])
 
 
+def _record(row: Any) -> tuple[Recorded, float]:
+    """A key's record as the statements return it, and its age in seconds."""
+    record = Recorded(bytes(row[0]), bool(row[1]), tuple(row[2] or ()))
+    return record, float(row[3])
+
+
+async def lookup_records(
+    conn: Connection, idents: Sequence[Ident], idempotency_ttl: float, statement_timeout: float
+) -> dict[Ident, tuple[Recorded, float]]:
+    """The live records of these keys (a primary-key lookup), with their ages."""
+    rows = await conn.fetch(
+        RECORDED_SQL,
+        [scope for scope, _ in idents],
+        [key for _, key in idents],
+        int(idempotency_ttl),
+        IDEMPOTENCY_SLOTS,
+        timeout=statement_timeout,
+    )
+    return {
+        (r["scope"], r["key"]): _record(
+            (r["fingerprint"], r["durable"], r["not_applied"], r["age"])
+        )
+        for r in rows
+    }
+
+
 async def apply_batch(
     conn: Connection,
     batch: Batch,
     statement_timeout: float,
     idempotency_ttl: float = 3600.0,
-    grace: float = GRACE_SECONDS,
 ) -> Applied:
-    """Apply ``batch`` in one statement (the keyed one only when it carries keyed requests).
-
-    ``grace`` is GRACE_SECONDS but in tests, which set it to take either path for sure."""
+    """Apply ``batch``: in one statement when it carries no requests; else in one transaction
+    (advisory locks on its keys, the statement, and rarely the counters several of its requests
+    change and the record of what was not applied)."""
     head = (
         batch.replica_id,
         batch.seq,
@@ -93,7 +133,7 @@ async def apply_batch(
         list(batch.wide),
         list(batch.wide.values()),
     )
-    if not batch.keyed and not batch.wide:
+    if not batch.requests and not batch.wide:
         try:
             status = await conn.execute(APPLY_PLAIN_BATCH_SQL, *head[:4], timeout=statement_timeout)
         except asyncpg.NumericValueOutOfRangeError:
@@ -104,48 +144,184 @@ async def apply_batch(
             return Applied(
                 fresh=False, rejected=await _rejected_before(conn, batch, statement_timeout)
             )
-    if not batch.keyed:
+    if not batch.requests:
         row = await conn.fetchrow(APPLY_BATCH_SQL, *head, timeout=statement_timeout)
-    else:
-        owners = [n for n, request in enumerate(batch.keyed, 1) for _ in request.items]
-        item_keys, item_values = _joined(item for r in batch.keyed for item in r.items)
-        row = await conn.fetchrow(
-            APPLY_KEYED_BATCH_SQL,
-            *head,
-            [r.scope for r in batch.keyed],
-            [r.key for r in batch.keyed],
-            [r.fingerprint for r in batch.keyed],
-            owners,
-            item_keys,
-            item_values,
+        assert row is not None  # the outer SELECT always returns exactly one row
+        if not row["fresh"]:
+            return Applied(False, await _rejected_before(conn, batch, statement_timeout))
+        return Applied(fresh=True, rejected=list(row["rejected"]))
+    async with conn.transaction():
+        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl)
+
+
+async def _apply_requests(
+    conn: Connection,
+    batch: Batch,
+    head: tuple[Any, ...],
+    statement_timeout: float,
+    idempotency_ttl: float,
+) -> Applied:
+    requests = batch.requests
+    keyed = [(n, r) for n, r in enumerate(requests) if isinstance(r, Keyed)]
+    if keyed:
+        await conn.execute(
+            LOCK_KEYS_SQL,
+            [r.scope for _, r in keyed],
+            [r.key for _, r in keyed],
+            timeout=statement_timeout,
+        )
+    owners = [n for n, request in enumerate(requests, 1) for _ in request.items]
+    item_keys, item_values = _joined(item for r in requests for item in r.items)
+    row = await conn.fetchrow(
+        APPLY_REQUESTS_SQL,
+        *head,
+        [r.scope if isinstance(r, Keyed) else None for r in requests],
+        [r.key if isinstance(r, Keyed) else None for r in requests],
+        [r.fingerprint if isinstance(r, Keyed) else None for r in requests],
+        [r.durable if isinstance(r, Keyed) else False for r in requests],
+        owners,
+        item_keys,
+        item_values,
+        int(idempotency_ttl),
+        IDEMPOTENCY_SLOTS,
+        timeout=statement_timeout,
+    )
+    assert row is not None  # the outer SELECT always returns exactly one row
+    if not row["fresh"]:
+        return await _applied_before(conn, batch, statement_timeout, idempotency_ttl)
+    applied = frozenset(n - 1 for n in row["applied"])
+    recorded: dict[int, Recorded] = {}
+    ages: dict[int, float] = {}
+    for n, fingerprint, durable, not_applied, age in zip(
+        row["recorded_n"],
+        row["recorded_fingerprint"],
+        row["recorded_durable"],
+        row["recorded_not_applied"],
+        row["recorded_age"],
+        strict=True,
+    ):
+        indexes = [int(i) for i in not_applied.split(",")] if not_applied else []
+        recorded[n - 1], ages[n - 1] = _record((fingerprint, durable, indexes, age))
+    unseen = {n: r for n, r in keyed if n not in applied and n not in recorded}
+    if unseen:
+        # Claimed by a statement that took no advisory lock (a replica of an earlier version)
+        # and committed while this one ran: invisible to it, visible to a query of its own.
+        found = await lookup_records(
+            conn, [r.ident for r in unseen.values()], idempotency_ttl, statement_timeout
+        )
+        for n, request in unseen.items():
+            if request.ident in found:
+                recorded[n], ages[n] = found[request.ident]
+    rejected_items: dict[int, set[int]] = {}
+    summed_rejected: list[str] = []
+    # A counter one request changes: refused whole by the statement (its items on that
+    # counter); one the summed deltas change: refused as their key.
+    sums = set(batch.keys) | set(batch.wide)
+    for key in row["rejected"]:
+        owner = next((n for n in applied if any(k == key for k, _ in requests[n].items)), None)
+        if owner is None and key in sums:
+            summed_rejected.append(key)
+        elif owner is not None:
+            rejected_items.setdefault(owner, set()).update(
+                i for i, (k, _) in enumerate(requests[owner].items) if k == key
+            )
+    if row["shared"]:
+        await _settle_in_order(
+            conn,
+            batch,
+            applied,
+            list(row["shared"]),
+            rejected_items,
+            summed_rejected,
+            statement_timeout,
+        )
+    not_applied = {n: tuple(sorted(items)) for n, items in rejected_items.items()}
+    if not_applied or summed_rejected:
+        claimed_keyed = [(n, r) for n, r in keyed if n in applied and n in not_applied]
+        await conn.execute(
+            RECORD_REJECTIONS_SQL,
+            batch.replica_id,
+            batch.seq,
+            [n + 1 for n in not_applied],
+            [",".join(map(str, items)) for items in not_applied.values()],
+            summed_rejected,
+            [r.scope for _, r in claimed_keyed],
+            [r.key for _, r in claimed_keyed],
+            [",".join(map(str, not_applied[n])) for n, _ in claimed_keyed],
             int(idempotency_ttl),
-            grace,
             IDEMPOTENCY_SLOTS,
             timeout=statement_timeout,
         )
-    assert row is not None  # the outer SELECT always returns exactly one row
-    rejected = list(row["rejected"])
-    if not row["fresh"]:
-        rejected = await _rejected_before(conn, batch, statement_timeout)
-    if not batch.keyed:
-        return Applied(fresh=row["fresh"], rejected=rejected)
-    claimed = frozenset(n - 1 for n in row["claimed"])
-    recorded = {n - 1: bytes(fingerprint) for n, fingerprint in row["recorded_before"]}
-    unseen = [n for n in range(len(batch.keyed)) if n not in claimed and n not in recorded]
-    if unseen:
-        # Claimed by a statement that committed while this one ran: invisible to it, visible
-        # to a query of its own (rare: the same key on two replicas at the same moment).
-        rows = await conn.fetch(
-            RECORDED_SQL,
-            [batch.keyed[n].scope for n in unseen],
-            [batch.keyed[n].key for n in unseen],
-            timeout=statement_timeout,
+    return Applied(True, summed_rejected, applied, recorded, ages, not_applied)
+
+
+async def _settle_in_order(
+    conn: Connection,
+    batch: Batch,
+    applied: frozenset[int],
+    shared: list[str],
+    rejected_items: dict[int, set[int]],
+    summed_rejected: list[str],
+    statement_timeout: float,
+) -> None:
+    """The counters several requests of the batch change (locked by its statement): each
+    request's change applied or refused in order, as if it had committed alone, then the
+    summed deltas. Fills ``rejected_items`` and ``summed_rejected``."""
+    rows = await conn.fetch(LOCKED_COUNTERS_SQL, shared, timeout=statement_timeout)
+    values = {r["key"]: r["value"] for r in rows}
+    placeholders = {r["key"] for r in rows if r["placeholder"]}
+    sums = dict(zip(batch.keys, batch.deltas, strict=True)) | batch.wide
+    changed: dict[str, int] = {}
+    for key in shared:
+        value, moved = values[key], False
+        for n in sorted(applied):
+            items = [i for i, (k, _) in enumerate(batch.requests[n].items) if k == key]
+            if not items:
+                continue
+            delta = sum(batch.requests[n].items[i][1] for i in items)
+            if INT64_MIN <= value + delta <= INT64_MAX:
+                value, moved = value + delta, True
+            else:
+                rejected_items.setdefault(n, set()).update(items)
+        if key in sums:
+            if INT64_MIN <= value + sums[key] <= INT64_MAX:
+                value, moved = value + sums[key], True
+            else:
+                summed_rejected.append(key)
+        if moved:
+            changed[key] = value
+    if changed:
+        await conn.execute(
+            SET_COUNTERS_SQL, list(changed), list(changed.values()), timeout=statement_timeout
         )
-        found = {(r["scope"], r["key"]): bytes(r["fingerprint"]) for r in rows}
-        for n in unseen:
-            if batch.keyed[n].ident in found:
-                recorded[n] = found[batch.keyed[n].ident]
-    return Applied(row["fresh"], rejected, claimed, recorded)
+    # A row the statement inserted to lock it, to which nothing was applied: never a counter.
+    if placeholders - changed.keys():
+        await conn.execute(
+            DROP_PLACEHOLDERS_SQL, list(placeholders - changed.keys()), timeout=statement_timeout
+        )
+
+
+async def _applied_before(
+    conn: Connection, batch: Batch, statement_timeout: float, idempotency_ttl: float
+) -> Applied:
+    """A retry of a batch with requests that was applied before (its commit outcome was
+    unknown): what it did then, read back. Its keyed requests' records say what they were
+    answered; the others, what request_rejections kept."""
+    rows = await conn.fetch(
+        REQUEST_REJECTIONS_SQL, batch.replica_id, batch.seq, timeout=statement_timeout
+    )
+    not_applied = {r["request"] - 1: tuple(r["items"]) for r in rows}
+    keyed = [(n, r) for n, r in enumerate(batch.requests) if isinstance(r, Keyed)]
+    found = await lookup_records(
+        conn, [r.ident for _, r in keyed], idempotency_ttl, statement_timeout
+    )
+    return Applied(
+        fresh=False,
+        rejected=await _rejected_before(conn, batch, statement_timeout),
+        recorded_before={n: found[r.ident][0] for n, r in keyed if r.ident in found},
+        recorded_age={n: found[r.ident][1] for n, r in keyed if r.ident in found},
+        not_applied=not_applied,
+    )
 
 
 async def prune(conn: Connection) -> None:
