@@ -72,7 +72,10 @@ def _reused() -> IdempotencyKeyReused:
 
 
 def _in_use() -> KeyInUse:
-    return KeyInUse("a durable request with this key still waits for its commit")
+    return KeyInUse(
+        "a durable request with this key still waits for its commit",
+        headers={"Retry-After": "1"},
+    )
 
 
 class AcceptPolicy:
