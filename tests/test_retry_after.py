@@ -238,3 +238,28 @@ def test_every_503_and_the_409_for_a_key_in_use_carry_retry_after() -> None:
     assert errors.BackpressureError(retry_after=3).headers["Retry-After"] == "3"
     added = errors.OutcomeUnknown("x", headers={"X": "y"})
     assert added.headers == {"X": "y", "Retry-After": "1"}
+
+
+# --- the OpenAPI document says so -------------------------------------------------------------
+
+
+def test_the_openapi_document_declares_retry_after() -> None:
+    from increment_service.openapi import document
+
+    doc = document()
+    retry_after = doc["components"]["responses"]["ProblemRetryAfter"]
+    assert retry_after["headers"]["Retry-After"]["required"] is True
+    ref = {"$ref": "#/components/responses/ProblemRetryAfter"}
+    for path in ("/increment", "/api/increment", "/increments", "/api/increments"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert responses["409"] == responses["503"] == ref, path
+        parameters = doc["paths"][path]["post"]["parameters"]
+        key = next(p for p in parameters if p["name"] == "Idempotency-Key")
+        assert '"abc";p=1' in key["description"]
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            answer = operation["responses"].get("503")
+            if path in ("/api/health", "/health"):
+                assert "headers" not in answer  # readiness, not a refused request
+            elif answer is not None:
+                assert answer == ref, (method, path)
