@@ -85,9 +85,10 @@ class IncrementRejected(IncrementError):
 
 class IdempotencyKeyReused(IncrementError):
     """``422 idempotency-key-reused``: the key belongs to another request (another body, or
-    the other route kind, was sent under it first). Not an ``IncrementRejected``: the answer
-    is about the key, and a caller must not take it for "nothing of mine was applied" and
-    resend under a new key without knowing why the key was taken."""
+    the other route kind, was sent under it first). Not an ``IncrementRejected``: the request
+    is not wrong, its key is taken, and sending it again under a new key is right only once
+    the caller knows why two requests shared one key (a key reused by mistake, a collision);
+    otherwise it may count twice."""
 
     def __init__(
         self, status: int, problem: Mapping[str, Any], idempotency_key: str, attempts: int
