@@ -9,30 +9,45 @@ timeout) can be sent again without ever counting twice::
         await client.increments([("apples", 1), ("pears", 2)])
         await client.increment("invoices", 1, durable=True)  # answered after the commit
 
-What is retried: 409 (a durable first attempt with this key is still waiting for its commit),
-502, 503 and 504, connection errors and timeouts; with backoff (exponential, full jitter,
-``Retry-After`` honoured) until a total deadline. Any other answer is final: a 2xx is success,
-a 4xx raises ``IncrementRejected`` (nothing was applied). A deadline that runs out raises
-``IncrementFailed``: then the outcome is unknown, and calling again with the same
-``idempotency_key`` (``IncrementFailed.idempotency_key``) is still safe within the server's
-``IDEMPOTENCY_TTL_SECONDS``.
+What is retried, always with the same key: 408, 409 (this key's first request is still
+undecided), 425, 429, 500, 502, 503 and 504, connection errors (a reset) and timeouts; with
+backoff (exponential, full jitter) until a total deadline, and never sooner than a
+``Retry-After`` asks (delay-seconds or an HTTP-date). A ``Retry-After`` that ends past the
+deadline stops the retries at once: the client never sleeps past its deadline.
+
+Any other answer is final:
+
+- a 2xx is success (``Result``);
+- a ``422`` of problem type ``...:idempotency-key-reused`` raises ``IdempotencyKeyReused``: the
+  key belongs to another request (another body was sent under it);
+- any other 4xx raises ``IncrementRejected``: nothing was applied;
+- any other answer (a 5xx such as 501 or 505) raises ``IncrementFailed``, and so does a deadline
+  that runs out: the outcome is unknown, and calling again with the same ``idempotency_key``
+  (``IncrementFailed.idempotency_key``) is safe within the server's ``IDEMPOTENCY_TTL_SECONDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.utils
 import json
+import math
 import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 
-RETRIED_STATUSES = frozenset({409, 502, 503, 504})
+#: Answers that say "not now": the request is retried with the same key.
+RETRIED_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+#: The problem type of a 422 whose key belongs to another request.
+IDEMPOTENCY_KEY_REUSED = "urn:increment-service:problem:idempotency-key-reused"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,7 +71,8 @@ class IncrementError(Exception):
 
 
 class IncrementRejected(IncrementError):
-    """A definite no (a 4xx other than 409): nothing was applied; retrying will not help."""
+    """A definite no (a 4xx the client does not retry): nothing was applied; retrying the same
+    request will not help."""
 
     def __init__(
         self, status: int, problem: Mapping[str, Any], idempotency_key: str, attempts: int
@@ -67,16 +83,53 @@ class IncrementRejected(IncrementError):
         self.problem = dict(problem)
 
 
+class IdempotencyKeyReused(IncrementError):
+    """``422 idempotency-key-reused``: the key belongs to another request (another body, or
+    the other route kind, was sent under it first). Not an ``IncrementRejected``: the request
+    is not wrong, its key is taken, and sending it again under a new key is right only once
+    the caller knows why two requests shared one key (a key reused by mistake, a collision);
+    otherwise it may count twice."""
+
+    def __init__(
+        self, status: int, problem: Mapping[str, Any], idempotency_key: str, attempts: int
+    ) -> None:
+        super().__init__(
+            f"{status}: the Idempotency-Key {idempotency_key!r} belongs to another request"
+            " (another body was sent under it), and this request is not applied under it; two"
+            " requests share the key: find out why before sending this one under a new key",
+            idempotency_key,
+            attempts,
+        )
+        self.status = status
+        self.problem = dict(problem)
+
+
 class IncrementFailed(IncrementError):
-    """The deadline ran out: the outcome is unknown. A retry with the same key is safe."""
+    """The outcome is unknown: a 5xx the client does not retry (``status``), or the deadline
+    ran out (``status`` is the last attempt's, None if it got no answer). A retry with the
+    same key is safe."""
+
+    def __init__(
+        self,
+        message: str,
+        idempotency_key: str,
+        attempts: int,
+        *,
+        status: int | None = None,
+        problem: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, idempotency_key, attempts)
+        self.status = status
+        self.problem = dict(problem or {})
 
 
 class IncrementClient:
     """Sends increments to one base URL (a load balancer, say), retrying safely.
 
-    ``prefix="/api"`` uses the session routes (``/api/increment``, ``/api/increments``): give a
-    ``session`` whose cookie jar holds the login's cookie. Without a ``session`` the client
-    makes one and closes it on exit.
+    ``deadline`` (seconds, finite and above zero) bounds each operation, retries and waits
+    included. ``prefix="/api"`` uses the session routes (``/api/increment``,
+    ``/api/increments``): give a ``session`` whose cookie jar holds the login's cookie. Without
+    a ``session`` the client makes one and closes it on exit.
     """
 
     def __init__(
@@ -91,6 +144,8 @@ class IncrementClient:
         max_backoff: float = 2.0,
         rng: random.Random | None = None,
     ) -> None:
+        if not (math.isfinite(deadline) and deadline > 0):
+            raise ValueError(f"deadline must be finite and above 0 seconds, not {deadline!r}")
         self.url = base_url.rstrip("/") + prefix
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
@@ -155,33 +210,50 @@ class IncrementClient:
             headers["Prefer"] = "durable"
         give_up_at = time.monotonic() + self.deadline
         attempts = 0
+        # The last attempt's failure, and its status if it was answered.
+        why = ""
+        last_status: int | None = None
         while True:
-            attempts += 1
+            # Never past the deadline: an attempt's own timeout ends with it (and aiohttp
+            # takes a timeout of 0 or less for none at all).
             remaining = give_up_at - time.monotonic()
-            timeout = aiohttp.ClientTimeout(total=max(0.05, min(self.attempt_timeout, remaining)))
+            if remaining <= 0:
+                raise self._unknown(why, key, attempts, last_status)
+            attempts += 1
+            timeout = aiohttp.ClientTimeout(total=min(self.attempt_timeout, remaining))
             retry_after: float | None = None
             try:
                 async with self.session.post(
                     self.url + path, json=body, headers=headers, timeout=timeout
                 ) as response:
                     payload = await response.read()
-                    if 200 <= response.status < 300:
+                    status = response.status
+                    if 200 <= status < 300:
                         return self._result(response, payload, key, attempts)
-                    if response.status not in RETRIED_STATUSES:
-                        raise IncrementRejected(response.status, _problem(payload), key, attempts)
-                    retry_after = _seconds(response.headers.get("Retry-After"))
-                    why = f"{response.status}"
+                    if status not in RETRIED_STATUSES:
+                        raise _final(status, _problem(payload), key, attempts)
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+                    why, last_status = f"{status}", status
             except (aiohttp.ClientError, TimeoutError) as exc:
-                why = type(exc).__name__
+                why, last_status = type(exc).__name__, None
             wait = self._backoff(attempts, retry_after)
-            if time.monotonic() + wait >= give_up_at:
-                raise IncrementFailed(
-                    f"no definite answer within {self.deadline} s (last: {why}); the outcome"
-                    " is unknown, and a retry with the same idempotency_key is safe",
-                    key,
-                    attempts,
-                )
+            now = time.monotonic()
+            if now + wait >= give_up_at:
+                if retry_after is not None and now + retry_after >= give_up_at:
+                    why += f", Retry-After {retry_after:g} s ends past the deadline"
+                raise self._unknown(why, key, attempts, last_status)
             await asyncio.sleep(wait)
+
+    def _unknown(
+        self, why: str, key: str, attempts: int, last_status: int | None
+    ) -> IncrementFailed:
+        return IncrementFailed(
+            f"no definite answer within {self.deadline:g} s (last: {why}); the outcome is"
+            " unknown, and a retry with the same idempotency_key is safe",
+            key,
+            attempts,
+            status=last_status,
+        )
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:
         # Full jitter: spread the retries of many clients after one outage.
@@ -201,6 +273,23 @@ class IncrementClient:
         return Result(response.status, key, attempts, durable, not_applied)
 
 
+def _final(status: int, problem: dict[str, Any], key: str, attempts: int) -> IncrementError:
+    """The exception for an answer that is neither a 2xx nor retried."""
+    if status == 422 and problem.get("type") == IDEMPOTENCY_KEY_REUSED:
+        return IdempotencyKeyReused(status, problem, key, attempts)
+    if 400 <= status < 500:
+        return IncrementRejected(status, problem, key, attempts)
+    detail = problem.get("detail", "")
+    return IncrementFailed(
+        f"{status}: {detail or 'no detail'}; the outcome is unknown, and a retry with the same"
+        " idempotency_key is safe",
+        key,
+        attempts,
+        status=status,
+        problem=problem,
+    )
+
+
 def _problem(payload: bytes) -> dict[str, Any]:
     try:
         parsed = json.loads(payload or b"{}")
@@ -209,11 +298,19 @@ def _problem(payload: bytes) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def _seconds(value: str | None) -> float | None:
-    """Retry-After in seconds (the delta-seconds form, which the service sends)."""
+def _retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` (RFC 9110 section 10.2.3): delay-seconds
+    (``120``) or an HTTP-date (``Wed, 21 Oct 2015 07:28:00 GMT``, and the two obsolete date
+    forms), a date in the past being 0. None without one, or for a value neither form."""
     if value is None:
         return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
     try:
-        return max(0.0, float(value))
-    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # asctime's form has no zone: HTTP dates are in GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

@@ -20,6 +20,9 @@ class ProblemError(Exception):
     status = 500
     slug = "internal"
     title = "Internal Server Error"
+    #: The ``Retry-After`` (seconds) every answer of this kind carries unless it is given one:
+    #: a 503 and a 409 for a key in use always say when to retry.
+    default_retry_after: int | None = None
 
     def __init__(
         self,
@@ -31,7 +34,9 @@ class ProblemError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.errors = errors
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if self.default_retry_after is not None:
+            self.headers.setdefault("Retry-After", str(self.default_retry_after))
 
 
 class MalformedJSON(ProblemError):
@@ -76,6 +81,7 @@ class KeyInUse(ProblemError):
     """A durable request with this key still waits for its commit on this replica."""
 
     status, slug, title = 409, "idempotency-key-in-use", "Idempotency-Key In Use"
+    default_retry_after = 1
 
 
 class TooManyRequests(ProblemError):
@@ -83,7 +89,10 @@ class TooManyRequests(ProblemError):
 
 
 class ServiceUnavailable(ProblemError):
+    """A dependency outage or a full replica: every one of them says when to retry."""
+
     status, slug, title = 503, "unavailable", "Service Unavailable"
+    default_retry_after = 1
 
 
 class BackpressureError(ServiceUnavailable):

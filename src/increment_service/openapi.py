@@ -18,10 +18,16 @@ from .validation.increments import (
 )
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
+# A problem that says when to retry: every 503, the 409 of an increment route, the 429.
+_PROBLEM_RETRY_AFTER = {"$ref": "#/components/responses/ProblemRetryAfter"}
 
 
 def _problems(*codes: int) -> dict[str, Any]:
     return {str(code): _PROBLEM for code in codes}
+
+
+def _retry_after(*codes: int) -> dict[str, Any]:
+    return {str(code): _PROBLEM_RETRY_AFTER for code in codes}
 
 
 def _json(schema_ref: str) -> dict[str, Any]:
@@ -36,10 +42,13 @@ _IDEMPOTENCY_KEY = {
         "Applies the request at most once per key (per user on the session routes, one shared"
         " scope on the open ones) for IDEMPOTENCY_TTL_SECONDS: a retry gets the same answer and"
         " is not applied again; another body under a used key is 422 (or, when another replica"
-        " holds the key, dropped). A structured-field string or a bare token of 1 to"
-        f" {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters."
+        " holds the key, dropped). The key is 1 to"
+        f" {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters, sent as an RFC 8941"
+        ' structured-field string (`"abc"`), which may carry parameters (`"abc";p=1`: parsed'
+        " and ignored, a malformed one is 400), or as a bare token, taken whole (a `;` in it"
+        " is part of the key)."
     ),
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS + 2},
+    "schema": {"type": "string", "minLength": 1, "examples": ['"abc"', '"abc";p=1', "abc"]},
 }
 
 
@@ -84,9 +93,11 @@ def _increment(summary: str, body: str, limit: int) -> dict[str, Any]:
                 "headers": _DURABLE_APPLIED,
                 "content": _json("NotApplied"),
             },
+            **_problems(400, 401, 405, 413, 415, 422),
             # 409: a durable request with this Idempotency-Key still waits for its commit.
-            # 503: backpressure, or (durable) not committed in time, or outcome unknown.
-            **_problems(400, 401, 405, 409, 413, 415, 422, 503),
+            # 503: backpressure, Redis down (a session route), or (durable) not committed in
+            # time, or outcome unknown. Both with Retry-After.
+            **_retry_after(409, 503),
         },
     }
 
@@ -135,6 +146,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "The counter", "content": _json("Counter")},
                         **_problems(401, 404),
+                        **_retry_after(503),
                     },
                 }
             },
@@ -145,8 +157,9 @@ def document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("NewUser")},
                     "responses": {
                         "201": {"description": "Created", "content": _json("User")},
-                        # 429 + Retry-After: too many account creations from one address.
-                        **_problems(400, 409, 413, 415, 422, 429, 503),
+                        # 429: too many account creations from one address.
+                        **_problems(400, 409, 413, 415, 422),
+                        **_retry_after(429, 503),
                     },
                 }
             },
@@ -168,7 +181,8 @@ def document() -> dict[str, Any]:
                             "content": _json("SessionUser"),
                         },
                         # 401 is the same for an unknown email and a wrong password.
-                        **_problems(400, 401, 413, 415, 422, 429, 503),
+                        **_problems(400, 401, 413, 415, 422),
+                        **_retry_after(429, 503),
                     },
                 },
                 "get": {
@@ -177,7 +191,8 @@ def document() -> dict[str, Any]:
                     "security": session,
                     "responses": {
                         "200": {"description": "Logged in", "content": _json("SessionUser")},
-                        **_problems(401, 503),
+                        **_problems(401),
+                        **_retry_after(503),
                     },
                 },
                 "delete": {
@@ -185,7 +200,7 @@ def document() -> dict[str, Any]:
                     "summary": "Log out: delete the session on every replica (idempotent)",
                     "responses": {
                         "204": {"description": "No session any more; the cookie is cleared"},
-                        **_problems(503),
+                        **_retry_after(503),
                     },
                 },
             },
@@ -223,7 +238,25 @@ def document() -> dict[str, Any]:
                             "schema": {"$ref": "#/components/schemas/Problem"}
                         }
                     },
-                }
+                },
+                "ProblemRetryAfter": {
+                    "description": (
+                        "RFC 9457 problem details; retry after the seconds Retry-After says"
+                        " (with the same Idempotency-Key on an increment route)"
+                    ),
+                    "headers": {
+                        "Retry-After": {
+                            "description": "delay-seconds (RFC 9110 section 10.2.3)",
+                            "required": True,
+                            "schema": {"type": "integer", "minimum": 0},
+                        }
+                    },
+                    "content": {
+                        "application/problem+json": {
+                            "schema": {"$ref": "#/components/schemas/Problem"}
+                        }
+                    },
+                },
             },
             "schemas": {
                 "Increment": {
