@@ -19,8 +19,10 @@ import dataclasses
 
 import asyncpg
 import pytest
+from pytest_aiohttp import AiohttpClient
 
 from increment_service import appkeys
+from increment_service.app import create_app
 from increment_service.settings import Settings, SettingsError
 from increment_service.writebehind import (
     Aggregator,
@@ -33,7 +35,7 @@ from increment_service.writebehind import (
 from tests.support.inprocess import Client, MakeReplica
 from tests.support.metrics import app_metric
 from tests.support.polling import eventually
-from tests.support.postgres import counters
+from tests.support.postgres import PgCluster, counters, persisted
 from tests.support.problems import problem_type
 
 pytestmark = pytest.mark.timeout(90)
@@ -263,6 +265,27 @@ async def test_another_body_with_no_committed_owner_is_409_until_the_flush(
     decided = await client.post("/increment", json=other, headers=keyed("u"))
     assert decided.status == 422
     assert await counters(pg) == {"u": 1}
+
+
+async def test_another_body_held_here_with_postgres_down_is_503_with_retry_after(
+    cluster: PgCluster, settings: Settings, aiohttp_client: AiohttpClient
+) -> None:
+    """Whose the key is must come from Postgres; unreachable, the answer is a 503 to retry,
+    never a guess, and the body held here stays as it was."""
+    client = await aiohttp_client(
+        create_app(
+            dataclasses.replace(settings, database_url=cluster.url, flush_interval_seconds=9)
+        )
+    )
+    held = {"key": "h", "value": 1}
+    assert (await client.post("/increment", json=held, headers=keyed("down"))).status == 202
+    await asyncio.to_thread(cluster.stop)
+    other = await client.post("/increment", json={"key": "h", "value": 2}, headers=keyed("down"))
+    assert other.status == 503
+    assert other.headers["Retry-After"] == "1"
+    await asyncio.to_thread(cluster.start)
+    assert await client.app[appkeys.WRITE_BEHIND].flush()
+    assert await persisted(cluster.url) == {"h": 1}
 
 
 # --- the TTL ------------------------------------------------------------------------------

@@ -40,9 +40,11 @@ _IDEMPOTENCY_KEY = {
     "required": False,
     "description": (
         "Applies the request at most once per key (per user on the session routes, one shared"
-        " scope on the open ones) for IDEMPOTENCY_TTL_SECONDS: a retry gets the same answer and"
-        " is not applied again; another body under a used key is 422 (or, when another replica"
-        " holds the key, dropped). The key is 1 to"
+        " scope on the open ones) while its record is live (IDEMPOTENCY_TTL_SECONDS): a retry"
+        " is told what the first request was told (a durable retry, what was committed: 204, or"
+        " 200 with the same notApplied) and is not applied again. Another body under the key:"
+        " 422 when its owner is known, 409 with Retry-After while it is undecided, else 202 and"
+        " dropped at flush. The key is 1 to"
         f" {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters, sent as an RFC 8941"
         ' structured-field string (`"abc"`), which may carry parameters (`"abc";p=1`: parsed'
         " and ignored, a malformed one is 400), or as a bare token, taken whole (a `;` in it"
@@ -87,14 +89,16 @@ def _increment(summary: str, body: str, limit: int) -> dict[str, Any]:
             },
             "200": {
                 "description": (
-                    "Prefer: durable: committed, but some items were not applied (their"
-                    " counter would have left the 64-bit range)"
+                    "Prefer: durable (or a retry of a request so answered): committed, but some"
+                    " items were not applied (their counter would have left the 64-bit range,"
+                    " decided per request as if it had committed alone)"
                 ),
                 "headers": _DURABLE_APPLIED,
                 "content": _json("NotApplied"),
             },
             **_problems(400, 401, 405, 413, 415, 422),
-            # 409: a durable request with this Idempotency-Key still waits for its commit.
+            # 409: the owner of this Idempotency-Key is not decided yet (a durable request with
+            # it waits for its commit, or another body waits for this replica's next flush).
             # 503: backpressure, Redis down (a session route), or (durable) not committed in
             # time, or outcome unknown. Both with Retry-After.
             **_retry_after(409, 503),
