@@ -32,6 +32,7 @@ from increment_service.writebehind import (
     Unkeyed,
     apply_batch,
 )
+from tests.support.clock import FakeClock
 from tests.support.inprocess import Client, MakeReplica
 from tests.support.metrics import app_metric
 from tests.support.polling import eventually
@@ -295,14 +296,6 @@ def test_a_ttl_below_a_minute_is_refused(settings: Settings) -> None:
     with pytest.raises(SettingsError, match="IDEMPOTENCY_TTL_SECONDS"):
         dataclasses.replace(settings, idempotency_ttl_seconds=59)
     assert dataclasses.replace(settings, idempotency_ttl_seconds=60).idempotency_ttl_seconds == 60
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_replicas_memory_of_a_key_ends_at_its_record_time_plus_the_ttl() -> None:

@@ -20,15 +20,8 @@ from increment_service.writebehind import (
     WriteBehind,
     apply_batch,
 )
+from tests.support.clock import FakeClock
 from tests.support.postgres import counters
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_add_sums_per_key_and_freeze_swaps() -> None:
