@@ -228,6 +228,50 @@ async def test_a_durable_retry_of_a_pending_202_moves_it_into_a_durable_group(
     assert plain.status == 202, "the first answer was a 202"
 
 
+@pytest.mark.parametrize("settles", [True, False], ids=["settled", "not-in-time"])
+async def test_a_durable_retry_of_a_request_in_flight_waits_for_its_batch(
+    replica: MakeReplica, pg: asyncpg.Connection, database_url: str, settles: bool
+) -> None:
+    """The timer's batch holding the request is on its way: the durable retry is told that
+    batch's outcome once it settles, or 503 outcome-unknown if it does not within
+    DURABLE_TIMEOUT_SECONDS (and the batch still applies it, once)."""
+    client = await replica(durable_timeout_seconds=2)
+    write_behind = client.app[appkeys.WRITE_BEHIND]
+    body = {"key": "f", "value": 1}
+    assert (await client.post("/increment", json=body, headers=keyed("flight"))).status == 202
+    holder = await asyncpg.connect(database_url)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")
+        flushing = asyncio.ensure_future(write_behind.flush())
+
+        async def in_flight() -> bool:
+            return write_behind.aggregator.in_flight_holds(("open", "flight"))
+
+        await eventually(in_flight, "the request is in the timer's batch", every=0.01)
+        retry = asyncio.ensure_future(
+            client.post("/increment", json=body, headers=keyed("flight", durable=True))
+        )
+        if settles:
+            await asyncio.sleep(0.2)  # the retry waits on the batch (any moment will do)
+            await transaction.rollback()
+        else:
+            answer = await retry
+            await transaction.rollback()
+    finally:
+        await holder.close()
+    assert await flushing
+    if settles:
+        answer = await retry
+        assert answer.status == 204
+        assert answer.headers["Preference-Applied"] == "durable"
+    else:
+        assert answer.status == 503
+        assert await problem_type(answer) == "outcome-unknown"
+    assert await counters(pg) == {"f": 1}
+
+
 async def test_the_real_retry_wins_over_another_body_held_here(
     replica: MakeReplica, pg: asyncpg.Connection
 ) -> None:
