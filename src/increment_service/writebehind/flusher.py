@@ -2,7 +2,7 @@
 aggregator's batch and apply it; retry with backoff while Postgres is unreachable (the same
 batch, same id, until its outcome is known); prune old batch ids hourly and empty the
 idempotency partition whose time has passed; keep the gauges moving; and flush what is left at
-shutdown."""
+shutdown, until a deadline, without ever cancelling a statement."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from ..metrics import Metrics
 from .aggregator import Aggregator
 from .backoff import Backoff
+from .items import Batch
 from .settle import record_rejections, settle_keyed
 from .store import apply_batch, empty_next_partition, prune
 
@@ -54,7 +55,13 @@ class Flusher:
         # Up to one interval: a recovered Postgres is caught up within one interval.
         self.backoff = Backoff(cap=flush_interval)
         self.last_error: str | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.Task[None] | None = None  # the timer's loop
+        self._gauges: asyncio.Task[None] | None = None
+        self._final: asyncio.Task[bool] | None = None  # the final flush's attempt in progress
+        self._stopping = asyncio.Event()
+        # The batch in flight once a statement carrying it went to Postgres: from then on its
+        # outcome is unknown until a flush settles it (the shutdown log says so).
+        self._sent: Batch | None = None
         # A deadline, not "time since the last prune": the monotonic clock starts near zero
         # after boot, so no value of it can stand for "long ago".
         self.next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
@@ -68,18 +75,42 @@ class Flusher:
     def start(self, offset: float = 0.0) -> None:
         """Start the loops; the first flush comes ``offset`` seconds later than an interval
         (workers of one process stagger their flushes, see cli.run_worker)."""
-        self._tasks = [
-            asyncio.create_task(
-                self._run(self.flush_interval + offset), name="write-behind flusher"
-            ),
-            asyncio.create_task(self._observe_often(), name="write-behind gauges"),
-        ]
+        self._loop = asyncio.create_task(
+            self._run(self.flush_interval + offset), name="write-behind flusher"
+        )
+        self._gauges = asyncio.create_task(self._observe_often(), name="write-behind gauges")
+
+    @property
+    def flushing(self) -> bool:
+        """A flush (or other statement of the flusher) is out, at shutdown: the timer's, or
+        an attempt of the final flush."""
+        return any(t is not None and not t.done() for t in (self._loop, self._final))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        """Stop the loops, after final_flush (and after close cut the connections of a
+        statement still out at the deadline): what still runs is cancelled, and how each
+        task ended is retrieved (a task left with an exception nobody retrieved is an ERROR
+        with a traceback in the log)."""
+        self._stopping.set()
+        tasks = [t for t in (self._loop, self._gauges, self._final) if t is not None]
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:  # pragma: no cover -- flush() handles I/O errors: a bug
+                log.error(
+                    "flusher task failed",
+                    extra={"event": "flush", "outcome": "bug", "error": _describe(error)},
+                )
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if shutdown stops the loop meanwhile: True if it did."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return self._stopping.is_set()
 
     def next_flush_in(self) -> float:
         """Seconds to this replica's next flush (0 if it is due or running)."""
@@ -93,9 +124,13 @@ class Flusher:
             await asyncio.wait_for(self._settled.wait(), within)
 
     async def _run(self, delay: float) -> None:
+        # Shutdown stops the loop between statements, never in one: a task cancelled while
+        # asyncpg waits for Postgres makes it send a cancel request over a new connection,
+        # which hangs with a hung Postgres (and then fails in a task of asyncpg's own).
         while True:
             self._next_flush_at = time.monotonic() + delay
-            await asyncio.sleep(delay)
+            if await self._pause(delay):
+                break
             started = time.monotonic()
             try:
                 ok = await self.flush()
@@ -103,10 +138,13 @@ class Flusher:
                 # The loop must go on whatever happens, or nothing is ever persisted again.
                 log.exception("flush loop error", extra={"event": "flush", "outcome": "bug"})
                 ok = False
+            if self._stopping.is_set():
+                return
             if ok:
                 delay = max(0.0, self.flush_interval - (time.monotonic() - started))
                 await self.maybe_prune()
-                await self._expire_idempotency_keys()
+                if not self._stopping.is_set():
+                    await self._expire_idempotency_keys()
             else:
                 delay = self.backoff.delay()
 
@@ -136,6 +174,7 @@ class Flusher:
             # timeout the outcome is unknown, and the retry of the same batch id settles it.
             with span:
                 async with self.pool.acquire(timeout=self.flush_interval) as conn:
+                    self._sent = batch  # from here on, its outcome may be unknown
                     applied = await apply_batch(
                         conn,
                         batch,
@@ -185,29 +224,37 @@ class Flusher:
         self.observe()
         return self.aggregator.in_flight is None
 
-    async def final_flush(self, within: float) -> None:
-        """Flush everything left, retrying for at most ``within`` seconds (the loops are
-        stopped), and say in the log what could not be persisted."""
-        deadline = time.monotonic() + within
+    async def final_flush(self, deadline: float) -> None:
+        """Stop the timer and flush everything left, retrying until ``deadline`` (a time of
+        the monotonic clock), after the timer's flush in progress if there is one.
+
+        A statement is never cancelled: one still unanswered at the deadline is left out, for
+        WriteBehind.close to cut its connection (``flushing`` says so)."""
+        self._stopping.set()
+        if self._loop is not None and not await _ended(self._loop, deadline):
+            return
         while not self.aggregator.is_empty:
+            self._final = asyncio.ensure_future(self.flush())
+            if not await _ended(self._final, deadline):
+                return
+            error = self._final.exception()
+            if error is None and self._final.result():
+                continue
+            if error is not None:  # pragma: no cover -- flush() handles I/O errors: a bug
+                log.error(
+                    "final flush error",
+                    extra={"event": "flush", "outcome": "bug", "error": _describe(error)},
+                )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(remaining):
-                    if await self.flush():
-                        continue
-            except TimeoutError:
-                break
+                return
             await asyncio.sleep(min(remaining, self.backoff.delay(cap=_FINAL_MAX_BACKOFF_SECONDS)))
-        left = self.aggregator.snapshot()
-        if left:
-            log.error(
-                "shutdown: increments could not be persisted and are lost",
-                extra={"event": "shutdown", "keys": len(left), "sum": sum(left.values())},
-            )
-        else:
-            log.info("shutdown: everything acknowledged is persisted", extra={"event": "shutdown"})
+
+    def unanswered(self) -> Batch | None:
+        """The batch in flight if a statement carrying it went to Postgres and no answer
+        settled it: its outcome is unknown (the ledger says, under its id)."""
+        batch = self.aggregator.in_flight
+        return batch if batch is not None and batch is self._sent else None
 
     async def _expire_idempotency_keys(self) -> None:
         """At most every TTL/8 (and every minute), empty the partition the next bucket will
@@ -220,8 +267,11 @@ class Flusher:
                 self._emptied = await empty_next_partition(
                     conn, self.idempotency_ttl, self._emptied
                 )
-        except Exception:
-            log.warning("emptying an idempotency partition failed", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 -- an outage: the next flush retries it
+            log.warning(
+                "emptying an idempotency partition failed",
+                extra={"event": "expire-keys", "outcome": "error", "error": _describe(exc)},
+            )
 
     async def maybe_prune(self) -> None:
         if time.monotonic() < self.next_prune:
@@ -230,10 +280,24 @@ class Flusher:
         try:
             async with self.pool.acquire(timeout=self.flush_interval) as conn:
                 await prune(conn)
-        except Exception:
-            log.warning("pruning applied_batches failed", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 -- an outage: retried at the next prune
+            log.warning(
+                "pruning applied_batches failed",
+                extra={"event": "prune", "outcome": "error", "error": _describe(exc)},
+            )
 
     def observe(self) -> None:
         self.metrics.pending_keys.set(self.aggregator.pending_keys)
         self.metrics.keyed_items_pending.set(self.aggregator.keyed_items_pending)
         self.metrics.persist_lag.set(self.aggregator.persist_lag())
+
+
+def _describe(error: BaseException) -> str:
+    """An error in one line: its type and message (an outage is no bug: no traceback)."""
+    return f"{type(error).__name__}: {error}"
+
+
+async def _ended(task: asyncio.Future[Any], deadline: float) -> bool:
+    """Wait for ``task`` until ``deadline`` without cancelling it: whether it ended."""
+    await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+    return task.done()

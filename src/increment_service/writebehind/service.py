@@ -4,8 +4,11 @@ requests) and the accept policy that decides between them."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -16,10 +19,15 @@ from .accept import Accepted, AcceptPolicy
 from .aggregator import Aggregator
 from .durable import GroupCommitter
 from .flusher import Flusher
-from .items import Ident, Item
+from .items import Batch, Ident, Item
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
+
+log = logging.getLogger("increment_service.writebehind")  # one logger for the package
+
+#: The shutdown log names at most this many counter keys (with their sums) per line.
+LOGGED_KEYS = 100
 
 
 class WriteBehind:
@@ -116,11 +124,85 @@ class WriteBehind:
         self.flusher.start(offset)
         self.committer.start()
 
-    async def close(self, within: float) -> None:
-        """Stop the loops, then flush everything left, retrying for at most ``within`` seconds.
+    def shut(self, answer_within: float) -> None:
+        """Shutdown began (requests drain): durable requests waiting for a group never sent
+        are answered ``503 not-committed`` now, and no group is sent any more; those whose
+        group is out get their answer within ``answer_within`` seconds (GroupCommitter.shut)."""
+        self.committer.shut(answer_within)
 
-        Durable requests were answered while requests drained (each within its timeout); a
-        group still retried for an unknown outcome goes on for half the budget."""
-        await self.committer.close(within / 2)
+    async def close(self, within: float) -> None:
+        """Everything left, in ``within`` seconds in all: one deadline, fixed now.
+
+        The durable group still out (retried under its id for its outcome) and the final
+        flush (the timer's batch in flight, then everything pending) go on side by side until
+        the deadline. A statement Postgres has still not answered then is cut off: the pool's
+        connections are terminated (requests have drained: nothing else uses it), since
+        cancelling it would make asyncpg send a cancel request through the same hung server.
+        Then the loops stop, and the log says what became of every increment left:
+        ``outcome=unknown`` for a batch sent and not answered (the ledger knows, under its
+        id), ``outcome=lost`` for what was never sent."""
+        deadline = time.monotonic() + within
+        self.committer.shut(answer_within=0.0)  # the app did it as the drain began
+        await asyncio.gather(self.committer.settle(deadline), self.flusher.final_flush(deadline))
+        if self.committer.outstanding or self.flusher.flushing:
+            log.warning(
+                "Postgres has not answered by the shutdown deadline: its connections are cut",
+                extra={"event": "postgres", "outcome": "cut"},
+            )
+            self.pool.terminate()
+        await self.committer.stop()
         await self.flusher.stop()
-        await self.flusher.final_flush(within)
+        self._report()
+
+    def _report(self) -> None:
+        reported = False
+        batch = self.flusher.unanswered()
+        if batch is not None:
+            _left("unknown", _sums(batch), batch=batch.replica_id, seq=batch.seq)
+            reported = True
+        group = self.committer.unanswered()
+        if group is not None:
+            seq, sums = group
+            _left("unknown", sums, batch=self.committer.durable_id, seq=seq)
+            reported = True
+        lost = self.aggregator.snapshot(in_flight=batch is None)
+        if lost:
+            _left("lost", lost)
+            reported = True
+        if not reported:
+            log.info("shutdown: everything acknowledged is persisted", extra={"event": "shutdown"})
+
+
+def _sums(batch: Batch) -> dict[str, int]:
+    """What ``batch`` adds, per counter key (keyed items included)."""
+    sums = dict(zip(batch.keys, batch.deltas, strict=True))
+    for key, delta in batch.wide.items():
+        sums[key] = sums.get(key, 0) + delta
+    for request in batch.keyed:
+        for key, value in request.items:
+            sums[key] = sums.get(key, 0) + value
+    return sums
+
+
+_LEFT_MESSAGES = {
+    "unknown": "shutdown: sent to Postgres and not answered: these increments may or may not"
+    " be persisted (the batch id is in applied_batches if they are)",
+    "lost": "shutdown: never sent to Postgres: these increments are lost",
+}
+
+
+def _left(outcome: str, sums: Mapping[str, int], **batch: object) -> None:
+    """One line for what a shutdown leaves unpersisted: how many keys and how much, and the
+    first LOGGED_KEYS keys with their sums."""
+    shown = dict(list(sums.items())[:LOGGED_KEYS])
+    log.error(
+        _LEFT_MESSAGES[outcome],
+        extra={
+            "event": "shutdown",
+            "outcome": outcome,
+            **batch,
+            "keys": len(sums),
+            "sum": sum(sums.values()),
+            "counters": shown,
+        },
+    )
