@@ -130,7 +130,8 @@ class CuttingProxy:
     both connections: the server has committed, the client saw its connection die.
 
     Hanging (``hanging = True``), it is a Postgres that hangs: connections stay open and new
-    ones are accepted, what clients send is read and never forwarded, nothing is answered.
+    ones are accepted, what clients send is read and never forwarded, nothing new is answered
+    (an answer already on its way from before the hang still arrives).
     ``swallowed`` counts the bytes read meanwhile, ``stalled`` the connections opened before
     the hang that have sent something since (a statement sent and never answered).
     """
@@ -195,8 +196,9 @@ class CuttingProxy:
 
         async def server_to_client() -> None:
             while data := await up_reader.read(65536):
-                if self.hanging:
-                    continue  # an answer to what was sent before the hang: never delivered
+                # Hanging, nothing more reaches the server, so it answers nothing more; an
+                # answer it had already sent (to a request made before the hang) still
+                # arrives, as it would from a server that hangs after answering.
                 # ReadyForQuery, idle: the server ended a transaction (an implicit one, or a
                 # COMMIT). Within an explicit transaction the status byte is T, not I.
                 committed = _READY_IDLE in data

@@ -5,6 +5,7 @@ cap of coming back."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 #: The base of the doubling (the first retry waits twice this).
@@ -28,3 +29,11 @@ class Backoff:
 
     def succeeded(self) -> None:
         self.failures = 0
+
+
+def cancelling() -> bool:
+    """Whether the running task is being cancelled. A retry loop must then stop, whatever
+    error the cancellation turned into (a transaction's rollback on a connection the shutdown
+    cut raises an InterfaceError instead of passing the CancelledError on)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -25,6 +25,7 @@ from ..errors import BackpressureError
 from ..metrics import Metrics
 from .aggregator import Aggregator
 from .backoff import Backoff
+from .backoff import cancelling as _cancelling
 from .items import Batch, Ident, Keyed, Recorded, Request
 from .settle import record_rejections, settle_keyed
 from .store import Applied, apply_batch
@@ -275,7 +276,11 @@ class GroupCommitter:
                         statement_timeout=max(5.0, self.durable_timeout),
                         idempotency_ttl=self.idempotency_ttl,
                     )
-            except Exception as exc:  # noqa: BLE001 -- retried until the outcome is known
+            except Exception as exc:
+                if _cancelling():
+                    # Shutdown cancelled it: this error is the closed connection's; the cancel
+                    # is what happened.
+                    raise asyncio.CancelledError from exc
                 wait = backoff.failed()
                 self.metrics.flush_failures.inc()
                 log.warning(

@@ -17,6 +17,7 @@ import asyncpg
 from ..metrics import Metrics
 from .aggregator import Aggregator
 from .backoff import Backoff
+from .backoff import cancelling as _cancelling
 from .items import Batch
 from .settle import record_rejections, settle_keyed
 from .store import apply_batch, empty_next_partition, prune
@@ -181,7 +182,11 @@ class Flusher:
                         statement_timeout=max(5.0, self.flush_interval),
                         idempotency_ttl=self.idempotency_ttl,
                     )
-        except Exception as exc:  # noqa: BLE001 -- the flusher must survive any failure
+        except Exception as exc:
+            if _cancelling():
+                # Shutdown cancelled it: this error is the closed connection's; the cancel is
+                # what happened.
+                raise asyncio.CancelledError from exc
             self.backoff.failed()
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.metrics.flush_failures.inc()

@@ -39,7 +39,7 @@ import asyncpg
 
 from ..db import Connection
 from ..tables import IDEMPOTENCY_SLOTS
-from .items import INT64_MAX, INT64_MIN, KEY_SEPARATOR, Batch, Ident, Keyed, Recorded
+from .items import INT64_MAX, INT64_MIN, KEY_SEPARATOR, Batch, Ident, Keyed, Recorded, Request
 from .statements import (
     APPLY_BATCH_SQL,
     APPLY_PLAIN_BATCH_SQL,
@@ -57,6 +57,12 @@ from .statements import (
 )
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
+
+#: Around a bucket boundary, how far on either side a statement may run beside one of the
+#: other bucket (whose keys it cannot see in the other partition): more than the pool's
+#: statement_timeout (db.py). Statements that start that close to a boundary take the
+#: advisory locks of their keys first.
+BOUNDARY_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,6 +174,8 @@ async def _apply_requests(
             LOCK_KEYS_SQL,
             [r.scope for _, r in keyed],
             [r.key for _, r in keyed],
+            int(idempotency_ttl),
+            BOUNDARY_SECONDS,
             timeout=statement_timeout,
         )
     owners = [n for n, request in enumerate(requests, 1) for _ in request.items]
@@ -214,27 +222,26 @@ async def _apply_requests(
                 recorded[n], ages[n] = found[request.ident]
     rejected_items: dict[int, set[int]] = {}
     summed_rejected: list[str] = []
-    # A counter one request changes: refused whole by the statement (its items on that
-    # counter); one the summed deltas change: refused as their key.
-    sums = set(batch.keys) | set(batch.wide)
-    for key in row["rejected"]:
-        owner = next((n for n in applied if any(k == key for k, _ in requests[n].items)), None)
-        if owner is None and key in sums:
-            summed_rejected.append(key)
-        elif owner is not None:
-            rejected_items.setdefault(owner, set()).update(
-                i for i, (k, _) in enumerate(requests[owner].items) if k == key
+    if row["rejected"] or row["shared"]:
+        changes = _changes_by_counter(requests, applied)
+        # A counter one request changes: refused whole by the statement (that request's
+        # items on it); one only the summed deltas change: refused as their key.
+        for key in row["rejected"]:
+            if key in changes:
+                n, _, items = changes[key][0]
+                rejected_items.setdefault(n, set()).update(items)
+            else:
+                summed_rejected.append(key)
+        if row["shared"]:
+            await _settle_in_order(
+                conn,
+                batch,
+                changes,
+                list(row["shared"]),
+                rejected_items,
+                summed_rejected,
+                statement_timeout,
             )
-    if row["shared"]:
-        await _settle_in_order(
-            conn,
-            batch,
-            applied,
-            list(row["shared"]),
-            rejected_items,
-            summed_rejected,
-            statement_timeout,
-        )
     not_applied = {n: tuple(sorted(items)) for n, items in rejected_items.items()}
     if not_applied or summed_rejected:
         claimed_keyed = [(n, r) for n, r in keyed if n in applied and n in not_applied]
@@ -255,10 +262,29 @@ async def _apply_requests(
     return Applied(True, summed_rejected, applied, recorded, ages, not_applied)
 
 
+#: Per counter key, the changes of a batch's applied requests, in order: (request, its net
+#: delta to the counter, the indexes of its items on it).
+Changes = dict[str, list[tuple[int, int, list[int]]]]
+
+
+def _changes_by_counter(requests: Sequence[Request], applied: frozenset[int]) -> Changes:
+    """One pass over the items of the applied requests."""
+    changes: Changes = {}
+    for n in sorted(applied):
+        mine: dict[str, tuple[int, list[int]]] = {}
+        for i, (key, value) in enumerate(requests[n].items):
+            delta, items = mine.get(key, (0, []))
+            items.append(i)
+            mine[key] = (delta + value, items)
+        for key, (delta, items) in mine.items():
+            changes.setdefault(key, []).append((n, delta, items))
+    return changes
+
+
 async def _settle_in_order(
     conn: Connection,
     batch: Batch,
-    applied: frozenset[int],
+    changes: Changes,
     shared: list[str],
     rejected_items: dict[int, set[int]],
     summed_rejected: list[str],
@@ -270,15 +296,13 @@ async def _settle_in_order(
     rows = await conn.fetch(LOCKED_COUNTERS_SQL, shared, timeout=statement_timeout)
     values = {r["key"]: r["value"] for r in rows}
     placeholders = {r["key"] for r in rows if r["placeholder"]}
-    sums = dict(zip(batch.keys, batch.deltas, strict=True)) | batch.wide
+    wanted = set(shared)
+    sums = {k: d for k, d in zip(batch.keys, batch.deltas, strict=True) if k in wanted}
+    sums |= {k: d for k, d in batch.wide.items() if k in wanted}
     changed: dict[str, int] = {}
     for key in shared:
         value, moved = values[key], False
-        for n in sorted(applied):
-            items = [i for i, (k, _) in enumerate(batch.requests[n].items) if k == key]
-            if not items:
-                continue
-            delta = sum(batch.requests[n].items[i][1] for i in items)
+        for n, delta, items in changes.get(key, ()):
             if INT64_MIN <= value + delta <= INT64_MAX:
                 value, moved = value + delta, True
             else:
