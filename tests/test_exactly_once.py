@@ -35,9 +35,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from increment_service.client import IncrementClient
+from increment_service.client import IncrementClient, IncrementFailed
 from tests.support.checker import (
     FITS_PRIVATE,
     MAX_SAFE,
@@ -55,7 +56,6 @@ from tests.support.checker import (
 )
 from tests.support.hang import hang_postgres
 from tests.support.load import Traffic
-from tests.support.logs import json_log_lines
 from tests.support.nginx import nginx_binary
 from tests.support.polling import eventually
 from tests.support.postgres import PgCluster, persisted, wait_until_no_other_backends
@@ -207,14 +207,28 @@ async def reuse_a_key(
     await history.run(client, Op("reuse", first, key, durable, shared_key=True))
 
 
-def errors_logged(topology: NativeTopology) -> int:
-    """How many flushes and durable groups the replicas have logged as failed."""
-    return sum(
-        1
-        for replica in topology.replicas
-        for line in json_log_lines(replica.log())
-        if line.get("event") in ("flush", "durable") and line.get("outcome") == "error"
-    )
+async def probe_hung(topology: NativeTopology, history: History) -> list[int]:
+    """A durable increment sent straight to each replica, once (no retry), while Postgres is
+    hung: each must be answered 503 (nothing can commit). Recorded as operations whose outcome
+    is unknown: a replica retries a group it sent until its outcome is known."""
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def one(replica: ServiceProcess) -> int:
+            key = history.key("probe")
+            op = Op("hang-probe", Body("single", ((f"probe-{key}", 1),)), key, durable=True)
+            headers = {"Idempotency-Key": key, "Prefer": "durable"}
+            body = {"key": f"probe-{key}", "value": 1}
+            async with session.post(
+                replica.url + "/increment", json=body, headers=headers
+            ) as response:
+                await response.read()
+                status = response.status
+            op.told = IncrementFailed(f"{status} while Postgres hung", key, 1, status=status)
+            history.ops.append(op)
+            return status
+
+        return list(await asyncio.gather(*(one(r) for r in topology.replicas)))
 
 
 async def restart_postgres(cluster: PgCluster, down_for: float = 2.0) -> None:
@@ -259,11 +273,12 @@ async def with_faults(
     done: Callable[[], int],
     fault: Fault,
     more: int,
-) -> int:
+    history: History | None = None,
+) -> list[int]:
     """The schedule: each replica in turn gets ``fault`` and is started again, with progress
     between the faults (``more`` operations done, by ``done()``); Postgres hangs after the
-    first and is restarted after the second. Returns how many flush or durable failures the
-    replicas logged during the hang and the step after it."""
+    first and is restarted after the second. With a ``history``, each replica is sent a durable
+    increment while Postgres hangs: returns their statuses."""
 
     async def step() -> None:
         # Some seconds of traffic between faults (several flushes), and some progress.
@@ -276,17 +291,16 @@ async def with_faults(
         await eventually(moved, f"{more} more operations done", within=60)
 
     await step()
-    seen_hung = 0
+    seen_hung: list[int] = []
     for n, replica in enumerate(topology.replicas):
         await fault(replica)
         await asyncio.sleep(RESTART_PAUSE)
         await asyncio.to_thread(topology.start_replica, replica)
         await step()
         if n == 0:
-            before = errors_logged(topology)
-            assert await hang_postgres(cluster, HANG_SECONDS) > 1
+            probes = probe_hung(topology, history) if history else asyncio.sleep(0, [])
+            seen_hung = await hang_postgres(cluster, HANG_SECONDS, probes)
             await step()
-            seen_hung = errors_logged(topology) - before
         if n == 1:
             await restart_postgres(cluster)
             await step()
@@ -330,6 +344,7 @@ async def test_every_answer_is_true_and_every_counter_exact(
                     lambda: history.succeeded,
                     sigkill if durable else sigterm,
                     150,
+                    history,
                 )
             finally:
                 stop.set()
@@ -338,19 +353,19 @@ async def test_every_answer_is_true_and_every_counter_exact(
         answered_by = topology.lb.answered_by()
     took = time.monotonic() - started
     assert await wait_until_no_other_backends(cluster.url) == []
-    assert seen_hung > 0, "the replicas never saw Postgres hang"
     got = await persisted(cluster.url)
     records, twice = await read_records(cluster.url)
     assert twice == [], f"keys recorded twice: {twice[:5]}"
     problems, _ = judge_operations(history.ops, records, got, SEEDS)
     plain_problems, lost, may_be_lost = judge_plain(plain.sent, got, answered_by, lifetimes)
     assert problems + plain_problems == [], "\n".join((problems + plain_problems)[:40])
+    assert seen_hung == [503] * len(topology.replicas), f"durable while Postgres hung: {seen_hung}"
     outcomes = {label: dict(c) for label, c in sorted(history.outcomes().items())}
     retried = sum(1 for op in history.ops if getattr(op.told, "attempts", 1) > 1)
     print(
         f"\n{'durable' if durable else '202 with keys'}: {len(history.ops)} operations in"
         f" {took:.0f} s, every answer true and every counter exact; {retried} needed a retry;"
-        f" {seen_hung} failed flushes or groups logged around the hang; outcomes {outcomes};"
+        f" durable probes while Postgres hung: {seen_hung}; outcomes {outcomes};"
         f" plain 202s: {len(plain.acks)} acknowledged, {lost} lost, at most {may_be_lost}"
         " acknowledged by SIGKILLed replicas"
     )

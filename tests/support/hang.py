@@ -8,9 +8,13 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from tests.support.postgres import PgCluster
+
+T = TypeVar("T")
 
 
 def postmaster_pid(pgdata: Path) -> int:
@@ -35,9 +39,10 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-async def hang_postgres(cluster: PgCluster, seconds: float) -> int:
+async def hang_postgres(cluster: PgCluster, seconds: float, meanwhile: Awaitable[T]) -> T:
     """Stop the cluster's postmaster (first: it forks no backend after that) and every process
-    it started, for ``seconds``, then continue them all. Returns how many were stopped."""
+    it started; await ``meanwhile`` and at least ``seconds``; then continue them all. What
+    ``meanwhile`` saw, it saw while Postgres was hung: returns its result."""
     postmaster = postmaster_pid(Path(cluster.server.pgdata))
     stopped = [postmaster]
     try:
@@ -46,9 +51,10 @@ async def hang_postgres(cluster: PgCluster, seconds: float) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(pid)
-        await asyncio.sleep(seconds)
+        assert len(stopped) > 1, "the postmaster had no process of its own"
+        result, _ = await asyncio.gather(meanwhile, asyncio.sleep(seconds))
+        return result
     finally:
         for pid in reversed(stopped):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-    return len(stopped)
