@@ -124,6 +124,20 @@ async def test_a_retry_of_an_applied_batch_reads_back_what_it_did_not_apply(
     assert await counters(pg) == {"c": INT64_MAX - 5}
 
 
+async def test_a_group_of_plain_requests_records_its_refusals_in_its_one_statement(
+    pg: asyncpg.Connection, clean: None
+) -> None:
+    """Requests without keys that share no counter: one statement, no transaction of its
+    own, and a retry of it reads back what it did not apply."""
+    await at_the_edge(pg, "c")
+    group = (Unkeyed((("c", 10), ("a", 1), ("c", 1))), Unkeyed((("b", 2),)))
+    first = await apply_batch(pg, Batch("g", 1, [], [], 0.0, requests=group), 10)
+    assert first.not_applied == {0: (0, 2)}
+    again = await apply_batch(pg, Batch("g", 1, [], [], 0.0, requests=group), 10)
+    assert (again.fresh, again.not_applied) == (False, {0: (0, 2)})
+    assert await counters(pg) == {"c": INT64_MAX - 5, "a": 1, "b": 2}
+
+
 # --- answers over HTTP -------------------------------------------------------------------
 
 

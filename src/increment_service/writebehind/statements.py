@@ -59,17 +59,10 @@ ORDER BY d.key COLLATE "C"
 # still applied. A wide delta can only update an existing row whose total then still fits,
 # since a new row would hold the delta itself. `at` is the new updated_at: now(), or
 # -infinity to lock a row without touching it (greatest() keeps the stored time).
-def _apply(record_rejections: bool) -> str:
-    """The apply fragment; ``record_rejections``: the rejected keys go to batch_rejections, where
-    a retry of the batch finds them (the statement with requests records them per request)."""
-    recorded = (
-        """, recorded AS (
-    INSERT INTO batch_rejections (replica_id, seq, keys, recorded_at)
-    SELECT $1, $2, keys, now() FROM rejected WHERE cardinality(keys) > 0
-)"""
-        if record_rejections
-        else ""
-    )
+def _apply(record_rejections: str) -> str:
+    """The apply fragment; ``record_rejections``: CTEs after it that record what was rejected,
+    where a retry of the batch finds it."""
+    recorded = record_rejections
     return f"""
 upserted AS (
     INSERT INTO counters AS c (key, value, updated_at)
@@ -105,6 +98,25 @@ SELECT EXISTS (SELECT FROM fresh) AS fresh, (SELECT keys FROM rejected) AS rejec
 
 _WIDE_ROWS = "unnest($5::text[], $6::numeric[])"
 
+_RECORD_REJECTED_KEYS = """, recorded AS (
+    INSERT INTO batch_rejections (replica_id, seq, keys, recorded_at)
+    SELECT $1, $2, keys, now() FROM rejected WHERE cardinality(keys) > 0
+)"""
+
+# A batch of requests none of which has a key and none of which shares a counter with another
+# ($16 true; $17 the index of each item in its request): the requests whose counter was
+# refused are known here, each counter having one request, and are recorded at once. Then the
+# statement needs no second one, and no transaction of its own.
+_RECORD_REJECTED_REQUESTS = f""", recorded AS (
+    INSERT INTO request_rejections (replica_id, seq, request, items, recorded_at)
+    SELECT $1, $2, i.n, array_agg(i.item ORDER BY i.item), now()
+    FROM unnest(
+        $11::bigint[], $17::integer[], string_to_array($12::text, {_SEPARATOR})
+    ) AS i (n, item, key)
+    WHERE $16 AND i.key = ANY ((SELECT keys FROM rejected)::text[])
+    GROUP BY i.n
+)"""
+
 # Summed deltas, with which keys were rejected ($3 keys joined, $4 deltas joined; $5/$6 the
 # wide ones as arrays).
 APPLY_BATCH_SQL = f"""{_RECORD_BATCH}, delta AS (
@@ -115,7 +127,7 @@ APPLY_BATCH_SQL = f"""{_RECORD_BATCH}, delta AS (
     SELECT w.key, w.delta
     FROM {_WIDE_ROWS} AS w (key, delta)
     WHERE EXISTS (SELECT FROM fresh)
-), {_apply(record_rejections=True)}"""
+), {_apply(_RECORD_REJECTED_KEYS)}"""
 
 #: The bucket of a key's record and the live window: a record is live for
 #: IDEMPOTENCY_TTL_SECONDS ($ttl) after it was recorded (Postgres's clock), and so lies in the
@@ -213,7 +225,7 @@ APPLY_REQUESTS_SQL = f"""{_RECORD_BATCH}, request AS (
 ), wide AS (
     SELECT key, delta FROM every_delta
     WHERE parts = 1 AND NOT delta BETWEEN -9223372036854775808 AND 9223372036854775807
-), {_apply(record_rejections=False)},
+), {_apply(_RECORD_REJECTED_REQUESTS)},
     ARRAY (SELECT n FROM applied_request ORDER BY n) AS applied,
     ARRAY (SELECT key FROM every_delta WHERE parts > 1) AS shared,
     -- The live records of the keys that were not claimed, as far as this statement can see,

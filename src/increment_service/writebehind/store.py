@@ -156,8 +156,28 @@ async def apply_batch(
         if not row["fresh"]:
             return Applied(False, await _rejected_before(conn, batch, statement_timeout))
         return Applied(fresh=True, rejected=list(row["rejected"]))
+    if _alone(batch):
+        # No key to lock or to record an outcome with, no counter to settle in order: the one
+        # statement says all, in its own implicit transaction, as a plain batch does.
+        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl)
     async with conn.transaction():
         return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl)
+
+
+def _alone(batch: Batch) -> bool:
+    """Whether the batch's requests have no key, no summed deltas beside them, and no counter
+    that two of them change (a durable group of plain requests, almost always)."""
+    if batch.keys or batch.wide:
+        return False
+    seen: set[str] = set()
+    for request in batch.requests:
+        if isinstance(request, Keyed):
+            return False
+        mine = {key for key, _ in request.items}
+        if not seen.isdisjoint(mine):
+            return False
+        seen |= mine
+    return True
 
 
 async def _apply_requests(
@@ -179,7 +199,9 @@ async def _apply_requests(
             timeout=statement_timeout,
         )
     owners = [n for n, request in enumerate(requests, 1) for _ in request.items]
+    positions = [i for request in requests for i in range(len(request.items))]
     item_keys, item_values = _joined(item for r in requests for item in r.items)
+    alone = _alone(batch)
     row = await conn.fetchrow(
         APPLY_REQUESTS_SQL,
         *head,
@@ -192,6 +214,8 @@ async def _apply_requests(
         item_values,
         int(idempotency_ttl),
         IDEMPOTENCY_SLOTS,
+        alone,
+        positions,
         timeout=statement_timeout,
     )
     assert row is not None  # the outer SELECT always returns exactly one row
@@ -243,7 +267,7 @@ async def _apply_requests(
                 statement_timeout,
             )
     not_applied = {n: tuple(sorted(items)) for n, items in rejected_items.items()}
-    if not_applied or summed_rejected:
+    if (not_applied or summed_rejected) and not alone:  # (alone, the statement recorded them)
         claimed_keyed = [(n, r) for n, r in keyed if n in applied and n in not_applied]
         await conn.execute(
             RECORD_REJECTIONS_SQL,
