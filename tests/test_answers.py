@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import asyncpg
 import pytest
@@ -32,6 +33,7 @@ from increment_service.writebehind import (
     Unkeyed,
     apply_batch,
 )
+from increment_service.writebehind.store import PostgresClock
 from tests.support.clock import FakeClock
 from tests.support.inprocess import Client, MakeReplica
 from tests.support.metrics import app_metric
@@ -368,3 +370,25 @@ def test_a_replicas_memory_of_a_key_ends_at_its_record_time_plus_the_ttl() -> No
     assert aggregator.recorded(("open", "b")) is None, "40 s of its TTL were left"
     clock.now += 50
     assert aggregator.recorded(("open", "a")) is None
+
+
+def test_the_lock_statement_is_skipped_only_surely_away_from_a_bucket_boundary() -> None:
+    """Keys are locked within BOUNDARY_SECONDS of a bucket boundary (Postgres decides, in the
+    statement); the service skips that statement only when its view of Postgres's clock puts
+    it more than that and a margin away."""
+    clock = PostgresClock()
+    assert not clock.far_from_a_boundary(3600), "Postgres's clock not seen yet: lock"
+
+    def at(seconds_into_bucket: float) -> bool:
+        bucket_start = 1_000_000 * 3600.0
+        clock.offset = bucket_start + seconds_into_bucket - time.time()
+        return clock.far_from_a_boundary(3600)
+
+    assert at(1800)
+    for near in (0, 30, 60, 85, 3600 - 85, 3600 - 60, 3600 - 1):
+        assert not at(near), near
+    assert at(95)
+    assert at(3600 - 95)
+    clock.saw(time.time() + 12.5)
+    assert clock.offset is not None
+    assert 12 < clock.offset < 13

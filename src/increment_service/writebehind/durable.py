@@ -28,7 +28,7 @@ from .backoff import Backoff
 from .backoff import cancelling as _cancelling
 from .items import Batch, Ident, Keyed, Recorded, Request
 from .settle import record_rejections, settle_keyed
-from .store import Applied, apply_batch
+from .store import Applied, PostgresClock, apply_batch
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
 
@@ -78,6 +78,7 @@ class GroupCommitter:
         durable_id: str,
         durable_timeout: float,
         idempotency_ttl: float,
+        postgres_clock: PostgresClock | None = None,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
@@ -87,6 +88,8 @@ class GroupCommitter:
         self.durable_id = durable_id
         self.durable_timeout = durable_timeout
         self.idempotency_ttl = idempotency_ttl
+        # Postgres's clock as last seen, shared by the write-behind's statements (store.py).
+        self.postgres_clock = postgres_clock or PostgresClock()
         self._seq = 0
         self._waiting: list[_Waiting] = []
         self._waiting_keys: dict[Ident, _Waiting] = {}
@@ -275,6 +278,7 @@ class GroupCommitter:
                         batch,
                         statement_timeout=max(5.0, self.durable_timeout),
                         idempotency_ttl=self.idempotency_ttl,
+                        clock=self.postgres_clock,
                     )
             except Exception as exc:
                 if _cancelling():

@@ -20,7 +20,7 @@ from .backoff import Backoff
 from .backoff import cancelling as _cancelling
 from .items import Batch
 from .settle import record_rejections, settle_keyed
-from .store import apply_batch, empty_next_partition, prune
+from .store import PostgresClock, apply_batch, empty_next_partition, prune
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -46,12 +46,15 @@ class Flusher:
         flush_interval: float,
         idempotency_ttl: float,
         tracer: Tracer | None = None,
+        postgres_clock: PostgresClock | None = None,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.aggregator = aggregator
         self.flush_interval = flush_interval
         self.idempotency_ttl = idempotency_ttl
+        # Postgres's clock as last seen, shared by the write-behind's statements (store.py).
+        self.postgres_clock = postgres_clock or PostgresClock()
         self.tracer = tracer
         # Up to one interval: a recovered Postgres is caught up within one interval.
         self.backoff = Backoff(cap=flush_interval)
@@ -181,6 +184,7 @@ class Flusher:
                         batch,
                         statement_timeout=max(5.0, self.flush_interval),
                         idempotency_ttl=self.idempotency_ttl,
+                        clock=self.postgres_clock,
                     )
         except Exception as exc:
             if _cancelling():

@@ -20,6 +20,7 @@ from .aggregator import Aggregator
 from .durable import GroupCommitter
 from .flusher import Flusher
 from .items import Batch, Ident, Item
+from .store import PostgresClock
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -49,6 +50,7 @@ class WriteBehind:
         self.pool = pool
         self.metrics = metrics
         self.aggregator = Aggregator(incarnation, max_pending_keys, idempotency_ttl=idempotency_ttl)
+        clock = PostgresClock()  # one view of Postgres's clock for both loops
         self.flusher = Flusher(
             pool,
             metrics,
@@ -56,6 +58,7 @@ class WriteBehind:
             flush_interval=flush_interval,
             idempotency_ttl=idempotency_ttl,
             tracer=tracer,
+            postgres_clock=clock,
         )
         # Durable groups have sequence numbers of their own, under an id of their own in the
         # same ledger: they commit beside the timer's batch, never as part of it.
@@ -66,6 +69,7 @@ class WriteBehind:
             durable_id=f"{incarnation}/durable",
             durable_timeout=durable_timeout,
             idempotency_ttl=idempotency_ttl,
+            postgres_clock=clock,
         )
         self._policy = AcceptPolicy(
             self.aggregator,

@@ -235,7 +235,8 @@ APPLY_REQUESTS_SQL = f"""{_RECORD_BATCH}, request AS (
     ARRAY (SELECT durable FROM live ORDER BY n) AS recorded_durable,
     ARRAY (SELECT coalesce(array_to_string(not_applied, ','), '') FROM live ORDER BY n)
         AS recorded_not_applied,
-    ARRAY (SELECT age FROM live ORDER BY n) AS recorded_age"""
+    ARRAY (SELECT age FROM live ORDER BY n) AS recorded_age,
+    extract(epoch FROM now())::double precision AS postgres_now"""
 
 # The counters several requests of a batch change, locked by the statement above: their
 # values, and which rows it inserted as placeholders (nothing applied yet).

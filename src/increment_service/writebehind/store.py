@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -63,6 +64,29 @@ log = logging.getLogger("increment_service.writebehind")  # one logger for the p
 #: statement_timeout (db.py). Statements that start that close to a boundary take the
 #: advisory locks of their keys first.
 BOUNDARY_SECONDS = 60
+#: How far this process's clock may move against Postgres's between two statements, for the
+#: decision to skip the lock statement away from a boundary (Postgres's own test decides near
+#: one).
+_CLOCK_MARGIN_SECONDS = 30.0
+
+
+class PostgresClock:
+    """Postgres's clock as this process last saw it (its offset to ``time.time()``), to tell
+    whether a statement starts near a bucket boundary before asking Postgres."""
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+
+    def saw(self, postgres_now: float) -> None:
+        self.offset = postgres_now - time.time()
+
+    def far_from_a_boundary(self, ttl: float) -> bool:
+        """Surely more than BOUNDARY_SECONDS from one (unknown: not surely)."""
+        if self.offset is None:
+            return False
+        into = (time.time() + self.offset) % ttl
+        near = BOUNDARY_SECONDS + _CLOCK_MARGIN_SECONDS
+        return near < into < ttl - near
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,6 +151,7 @@ async def apply_batch(
     batch: Batch,
     statement_timeout: float,
     idempotency_ttl: float = 3600.0,
+    clock: PostgresClock | None = None,
 ) -> Applied:
     """Apply ``batch``: in one statement when it carries no requests; else in one transaction
     (advisory locks on its keys, the statement, and rarely the counters several of its requests
@@ -159,9 +184,9 @@ async def apply_batch(
     if _alone(batch):
         # No key to lock or to record an outcome with, no counter to settle in order: the one
         # statement says all, in its own implicit transaction, as a plain batch does.
-        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl)
+        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl, clock)
     async with conn.transaction():
-        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl)
+        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl, clock)
 
 
 def _alone(batch: Batch) -> bool:
@@ -186,10 +211,11 @@ async def _apply_requests(
     head: tuple[Any, ...],
     statement_timeout: float,
     idempotency_ttl: float,
+    clock: PostgresClock | None,
 ) -> Applied:
     requests = batch.requests
     keyed = [(n, r) for n, r in enumerate(requests) if isinstance(r, Keyed)]
-    if keyed:
+    if keyed and not (clock is not None and clock.far_from_a_boundary(idempotency_ttl)):
         await conn.execute(
             LOCK_KEYS_SQL,
             [r.scope for _, r in keyed],
@@ -219,6 +245,8 @@ async def _apply_requests(
         timeout=statement_timeout,
     )
     assert row is not None  # the outer SELECT always returns exactly one row
+    if clock is not None:
+        clock.saw(row["postgres_now"])
     if not row["fresh"]:
         return await _applied_before(conn, batch, statement_timeout, idempotency_ttl)
     applied = frozenset(n - 1 for n in row["applied"])
