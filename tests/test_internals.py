@@ -81,7 +81,7 @@ def test_migrations_wait_for_postgres_then_give_up(caplog: pytest.LogCaptureFixt
     # Each retry says so: the proof that it retried, rather than the time it took.
     retries = [r for r in caplog.records if r.getMessage().startswith("postgres not reachable")]
     assert retries, "it retried before giving up"
-    assert all("refused" in str(r.__dict__["error"]).lower() for r in retries)
+    assert all("Connect call failed" in str(r.__dict__["error"]) for r in retries)
 
 
 async def test_old_batch_ids_are_pruned(client: Client, pg: asyncpg.Connection) -> None:
@@ -208,7 +208,10 @@ def test_every_module_imports_on_its_own_without_side_effects(tmp_path: Path) ->
     names = [
         m.name
         for m in pkgutil.walk_packages(increment_service.__path__, "increment_service.")
+        # __main__ runs the service; schema/ holds Alembic's scripts, which Alembic loads
+        # under names of its own (env.py needs Alembic's context).
         if m.name != "increment_service.__main__"
+        and not m.name.startswith("increment_service.schema")
     ]
     assert {
         "increment_service.validation.bodies",
