@@ -33,9 +33,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("idempotency_keys", sa.Column("durable", sa.Boolean, nullable=True))
-    op.add_column(
-        "idempotency_keys", sa.Column("not_applied", sa.ARRAY(sa.Integer), nullable=True)
-    )
+    op.add_column("idempotency_keys", sa.Column("not_applied", sa.ARRAY(sa.Integer), nullable=True))
     op.create_table(
         "request_rejections",
         sa.Column("replica_id", sa.Text, primary_key=True),
