@@ -202,3 +202,22 @@ def compose() -> dict[str, Any]:
     """docker-compose.yml as compose sees it with no .env: every default applied."""
     interpolated: dict[str, Any] = compose_interpolate_all(compose_file(), {})
     return interpolated
+
+
+# --- no silent skip in CI ------------------------------------------------------------------
+
+#: In CI (CI set, as .ci/run's runner sets it) every test must run: a skip is a failure there,
+#: reason and all, since a tool missing from CI would otherwise hide a check for good. Locally
+#: a check whose tool is missing skips, saying why (-rs, tox.ini).
+STRICT_SKIPS = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where no test may skip: {reason}"

@@ -24,10 +24,13 @@ async def test_increment_is_accepted_then_persisted(client: Client, pg: asyncpg.
         response = await client.post("/increment", json={"key": "apples", "value": value})
         assert response.status == 202
         assert await response.read() == b""
+    before = await pg.fetchval("SELECT now()")  # the flush's transaction starts after this
     await client.app[appkeys.WRITE_BEHIND].flush()
+    after = await pg.fetchval("SELECT clock_timestamp()")
     row = await pg.fetchrow("SELECT value, updated_at FROM counters WHERE key = 'apples'")
     assert row is not None
     assert row["value"] == 10
+    assert before <= row["updated_at"] <= after, "stamped by the flush that applied it"
 
 
 async def test_health_reports_each_dependency(client: Client) -> None:

@@ -259,24 +259,23 @@ def test_prometheus_and_grafana_mount_their_directories(compose: dict[str, Any])
 
 
 def test_monitoring_configs_name_compose_services(compose: dict[str, Any]) -> None:
-    """prometheus/ and grafana-provisioning/ (written elsewhere) refer to real services."""
+    """prometheus/ and grafana-provisioning/ refer to real services."""
     yaml = yaml_module()
     services = compose["services"]
     prometheus_yml = REPO_ROOT / "prometheus" / "prometheus.yml"
     datasources = sorted((REPO_ROOT / "grafana-provisioning" / "datasources").glob("*.y*ml"))
-    if not prometheus_yml.is_file() and not datasources:
-        pytest.skip("prometheus/ and grafana-provisioning/ are not written yet")
-    if prometheus_yml.is_file():
-        config = yaml.safe_load(prometheus_yml.read_text(encoding="utf-8"))
-        names = [
-            (name, sd.get("port"))
-            for job in config.get("scrape_configs", [])
-            for sd in job.get("dns_sd_configs", [])
-            for name in sd.get("names", [])
-        ]
-        assert ("app", 3333) in names, "Prometheus should discover every replica of app"
-        for name, _ in names:
-            assert name in services, f"prometheus.yml resolves {name}, not a compose service"
+    assert prometheus_yml.is_file(), "prometheus/prometheus.yml is missing"
+    assert datasources, "grafana-provisioning/datasources/ holds no data source"
+    config = yaml.safe_load(prometheus_yml.read_text(encoding="utf-8"))
+    names = [
+        (name, sd.get("port"))
+        for job in config.get("scrape_configs", [])
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd.get("names", [])
+    ]
+    assert ("app", 3333) in names, "Prometheus should discover every replica of app"
+    for name, _ in names:
+        assert name in services, f"prometheus.yml resolves {name}, not a compose service"
     for path in datasources:
         for source in yaml.safe_load(path.read_text(encoding="utf-8")).get("datasources", []):
             host = urlsplit(source.get("url", "")).hostname

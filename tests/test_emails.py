@@ -115,3 +115,18 @@ def test_visible_part_drops_only_what_cannot_be_seen() -> None:
     assert emails.visible_part("b\u200bo\u00adb\u034f@x.co\ufeff") == "bob@x.co"
     assert emails.visible_part("\u00e9l\u00efse@x.co") == "\u00e9l\u00efse@x.co"
     assert emails.visible_part("a\ue000@x.co") == "a\ue000@x.co"  # visible, yet still refused
+
+
+def test_visible_part_drops_format_characters_that_are_not_default_ignorable() -> None:
+    # U+0600 ARABIC NUMBER SIGN: category Cf, yet not Default_Ignorable_Code_Point.
+    assert unicodedata.category("\u0600") == "Cf"
+    assert not emails.default_ignorable("\u0600")
+    assert emails.visible_part("a\u0600b@x.co") == "ab@x.co"
+
+
+def test_an_address_of_exactly_254_characters_and_one_more() -> None:
+    assert emails.MAX_EMAIL_CHARS == 254
+    exact = "a" * (254 - len("@example.com")) + "@example.com"
+    assert emails.email_key(exact) == exact
+    with pytest.raises(emails.InvalidEmail, match=emails.NOT_AN_ADDRESS):
+        emails.email_key("a" + exact)

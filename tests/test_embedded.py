@@ -107,7 +107,15 @@ async def test_embedded_service_as_pid_1_stops_its_servers_and_exits_on_sigterm(
     servers stopped cleanly and their data kept."""
     wrapper = unshare_pid_namespace()
     data_dir = embedded_base() / "data"
-    env = {"DATABASE_URL": "", "REDIS_URL": "", "DATA_DIR": str(data_dir)}
+    # SHUTDOWN_TIMEOUT_SECONDS, the contract's bound on the way out (at least 2 s above the
+    # default DURABLE_TIMEOUT_SECONDS of 5).
+    budget = 8
+    env = {
+        "DATABASE_URL": "",
+        "REDIS_URL": "",
+        "DATA_DIR": str(data_dir),
+        "SHUTDOWN_TIMEOUT_SECONDS": str(budget),
+    }
     service = ServiceProcess(env, tmp_path / "pid1.log", wrapper=wrapper).start(timeout=120)
     try:
         cookie = await signed_in(service.url)
@@ -121,7 +129,10 @@ async def test_embedded_service_as_pid_1_stops_its_servers_and_exits_on_sigterm(
     finally:
         service.stop()
     assert returncode == 0, service.log()
-    assert took < 5, f"SIGTERM to exit took {took:.1f}s"
+    # The shutdown budget, plus 10 s of stated margin for the embedded servers' own stop on a
+    # busy machine: what this catches is an exit that never comes (a zombie postmaster never
+    # reaped), which service.wait's 30 s would turn into a failure anyway.
+    assert took < budget + 10, f"SIGTERM to exit took {took:.1f}s"
     pg_log = (data_dir / "postgres" / "log").read_text()
     assert "received fast shutdown request" in pg_log
     assert "database system is shut down" in pg_log

@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from increment_service import appkeys
+from increment_service.validation.bodies import MAX_BODY_BYTES
 from increment_service.validation.increments import MAX_BATCH_BODY_BYTES, MAX_BATCH_ITEMS
 from increment_service.writebehind import Batch, Keyed, Recorded, apply_batch
 from tests.support.api import signed_in
@@ -94,12 +95,21 @@ async def test_a_batch_over_128_kib_is_413_and_a_single_increment_keeps_4_kib(
     body = ('{"increments": ' + str(items).replace("'", '"') + "}").encode()
     assert len(body) > MAX_BATCH_BODY_BYTES
     assert (await client.post("/increments", data=body, headers=JSON)).status == 413
-    single = b'{"key": "a", "value": 1, "pad": "' + b"x" * 5000 + b'"}'
-    assert (await client.post("/increment", data=single, headers=JSON)).status == 413
+
+    def single(size: int) -> bytes:
+        """A single increment of exactly ``size`` bytes (padded with JSON whitespace)."""
+        head, tail = b'{"key": "kib",', b'"value": 1}'
+        return head + b" " * (size - len(head) - len(tail)) + tail
+
+    assert len(single(MAX_BODY_BYTES)) == MAX_BODY_BYTES == 4096
+    exact = await client.post("/increment", data=single(MAX_BODY_BYTES), headers=JSON)
+    assert exact.status == 202, "exactly 4 KiB is kept"
+    over = await client.post("/increment", data=single(MAX_BODY_BYTES + 1), headers=JSON)
+    assert over.status == 413, "one byte more is not"
     chunked = chunked_increment(pad_kib=8)
     assert (await client.post("/increment", data=chunked, headers=JSON)).status == 413
     await flush(client)
-    assert await counters(pg) == {}
+    assert await counters(pg) == {"kib": 1}
 
 
 async def test_a_batch_over_max_pending_keys_applies_nothing(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,9 @@ def test_every_setting_is_read() -> None:
             "SHUTDOWN_TIMEOUT_SECONDS": "3",
             "AUTO_MIGRATE": "false",
             "REPLICA_ID": "pod-1",
+            "TRUSTED_PROXIES": "10.0.0.0/8, ::1",
+            "IDEMPOTENCY_TTL_SECONDS": "120",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
         }
     )
     assert s == Settings(
@@ -69,6 +74,14 @@ def test_every_setting_is_read() -> None:
         shutdown_timeout_seconds=3.0,
         auto_migrate=False,
         replica_id="pod-1",
+        trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        idempotency_ttl_seconds=120,
+        otel_exporter_otlp_endpoint="http://collector:4318",
+    )
+    # Every field of Settings was given a value other than its default above.
+    defaults = Settings()
+    assert all(
+        getattr(s, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(Settings)
     )
 
 

@@ -31,6 +31,19 @@ def applied_flushes(text: str) -> list[dict[str, Any]]:
     ]
 
 
+def applied_requests(text: str) -> int:
+    """How many keys the batches this log says were applied held (``keys`` of each flush,
+    each seq once, applied by its first try or found applied by a retry). With a distinct key
+    per request and no keyed request, that is exactly how many requests the replica admitted
+    up to the freeze of its last batch applied: all of them are in Postgres."""
+    done = {
+        int(e["seq"]): int(e["keys"])
+        for e in json_log_lines(text)
+        if e.get("event") == "flush" and e.get("outcome") in ("applied", "already-applied")
+    }
+    return sum(done.values())
+
+
 def last_applied_freeze(text: str, before: float) -> float | None:
     """When the replica of this log froze the last batch it applied at or before wall time
     ``before`` (that flush's log time minus its duration): what it acknowledged after was not
