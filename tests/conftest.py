@@ -30,6 +30,7 @@ from tests.support.compose import compose_file, compose_interpolate_all
 from tests.support.inprocess import Client, MakeReplica, Proxied
 from tests.support.postgres import CuttingProxy, PgCluster, database_name, with_database
 from tests.support.processes import MakeService, ServiceProcess, service_env
+from tests.support.scripted import Serve, serving
 
 BACKEND = os.environ.get("TEST_BACKEND", "local")
 
@@ -221,3 +222,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where no test may skip: {reason}"
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Scripted HTTP servers for the client's tests (tests/support/scripted.py)."""
+    async with serving() as start:
+        yield start

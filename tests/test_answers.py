@@ -34,7 +34,7 @@ from increment_service.writebehind import (
     apply_batch,
 )
 from increment_service.writebehind.store import PostgresClock
-from tests.support.clock import FakeClock
+from tests.support.fakeclock import FakeClock
 from tests.support.inprocess import Client, MakeReplica
 from tests.support.metrics import app_metric
 from tests.support.polling import eventually

@@ -8,125 +8,46 @@ checker in test_exactly_once.py.
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from increment_service.client import IncrementClient, IncrementFailed, IncrementRejected
+from increment_service.client import IncrementFailed, IncrementRejected
 from tests.support.fakeclock import FakeClock
-
-Script = list[Callable[[web.Request], Any]]
-
-
-def status(code: int, headers: dict[str, str] | None = None) -> Callable[[web.Request], Any]:
-    async def answer(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=code, headers=headers)
-
-    return answer
+from tests.support.scripted import Serve, Step, answer, quick, reset, slow
 
 
-def json_status(code: int, body: dict[str, Any]) -> Callable[[web.Request], Any]:
-    async def answer(request: web.Request) -> web.StreamResponse:
+def json_status(code: int, body: dict[str, Any]) -> Step:
+    async def step(request: web.Request) -> web.StreamResponse:
         return web.json_response(body, status=code)
 
-    return answer
+    return step
 
 
-def reset() -> Callable[[web.Request], Any]:
-    async def answer(request: web.Request) -> web.StreamResponse:
-        assert request.transport is not None
-        request.transport.abort()  # the connection dies with no answer at all
-        raise asyncio.CancelledError
-
-    return answer
-
-
-def slow(seconds: float) -> Callable[[web.Request], Any]:
-    async def answer(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(seconds)
-        return web.Response(status=202)
-
-    return answer
-
-
-class Scripted:
-    def __init__(self, script: Script) -> None:
-        self.script = list(script)
-        self.seen: list[tuple[str, str | None, str | None, Any]] = []
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(
-            (
-                request.path,
-                request.headers.get("Idempotency-Key"),
-                request.headers.get("Prefer"),
-                await request.json(),
-            )
-        )
-        step = self.script.pop(0) if self.script else status(202)
-        response: web.StreamResponse = await step(request)
-        return response
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Script], Any]]:
-    servers: list[TestServer] = []
-
-    async def start(script: Script) -> tuple[str, Scripted]:
-        scripted = Scripted(script)
-        app = web.Application()
-        app.router.add_post("/increment", scripted.handle)
-        app.router.add_post("/increments", scripted.handle)
-        app.router.add_post("/api/increment", scripted.handle)
-        server = TestServer(app)
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/"), scripted
-
-    yield start
-    for server in servers:
-        await server.close()
-
-
-def quick(url: str, **kw: Any) -> IncrementClient:
-    options: dict[str, Any] = {
-        "deadline": 5.0,
-        "attempt_timeout": 0.5,
-        "first_backoff": 0.01,
-        "max_backoff": 0.05,
-        "rng": random.Random(1),
-    }
-    return IncrementClient(url, **{**options, **kw})
-
-
-async def test_every_retryable_failure_is_retried_with_the_same_key(serve: Any) -> None:
+async def test_every_retryable_failure_is_retried_with_the_same_key(serve: Serve) -> None:
     url, scripted = await serve(
-        [status(502), status(503, {"Retry-After": "0"}), status(504), status(409), reset(), slow(2)]
+        [answer(502), answer(503, {"Retry-After": "0"}), answer(504), answer(409), reset(), slow(2)]
     )
     async with quick(url) as client:
         result = await client.increment("apples", 5)
     assert result.status == 202
     assert result.attempts == 7
-    keys = {key for _, key, _, _ in scripted.seen}
+    keys = {seen["key"] for seen in scripted.seen}
     assert len(keys) == 1
     assert result.idempotency_key in keys
-    assert all(body == {"key": "apples", "value": 5} for _, _, _, body in scripted.seen)
+    assert all(seen["body"] == {"key": "apples", "value": 5} for seen in scripted.seen)
 
 
-async def test_each_operation_has_a_key_of_its_own(serve: Any) -> None:
+async def test_each_operation_has_a_key_of_its_own(serve: Serve) -> None:
     url, scripted = await serve([])
     async with quick(url) as client:
         first = await client.increment("a", 1)
         second = await client.increment("a", 1)
         chosen = await client.increment("a", 1, idempotency_key="mine")
     assert len({first.idempotency_key, second.idempotency_key, "mine"}) == 3
-    assert [key for _, key, _, _ in scripted.seen] == [
+    assert [seen["key"] for seen in scripted.seen] == [
         first.idempotency_key,
         second.idempotency_key,
         "mine",
@@ -134,7 +55,7 @@ async def test_each_operation_has_a_key_of_its_own(serve: Any) -> None:
     assert chosen.idempotency_key == "mine"
 
 
-async def test_a_definite_no_is_not_retried(serve: Any) -> None:
+async def test_a_definite_no_is_not_retried(serve: Serve) -> None:
     problem = {"type": "urn:x:validation", "title": "t", "status": 422, "detail": "bad value"}
     url, scripted = await serve([json_status(422, problem)])
     async with quick(url) as client:
@@ -146,22 +67,22 @@ async def test_a_definite_no_is_not_retried(serve: Any) -> None:
 
 
 async def test_the_deadline_ends_the_retries_and_says_the_key(
-    serve: Any, monkeypatch: pytest.MonkeyPatch
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Judged by the waits the client asks for (a clock of the test's own), not by wall time.
     clock = FakeClock().install(monkeypatch)
-    url, scripted = await serve([status(503)] * 1000)
+    url, scripted = await serve([answer(503)] * 1000)
     async with quick(url, deadline=0.5) as client:
         with pytest.raises(IncrementFailed) as failed:
             await client.increment("a", 1)
     assert 0 < sum(clock.slept) <= 0.5
     assert len(scripted.seen) < 1000, "the deadline, not the script, ended it"
     assert failed.value.attempts == len(scripted.seen) > 1
-    assert {key for _, key, _, _ in scripted.seen} == {failed.value.idempotency_key}
+    assert {seen["key"] for seen in scripted.seen} == {failed.value.idempotency_key}
 
 
-async def test_retry_after_is_honoured(serve: Any) -> None:
-    url, scripted = await serve([status(503, {"Retry-After": "1"})])
+async def test_retry_after_is_honoured(serve: Serve) -> None:
+    url, scripted = await serve([answer(503, {"Retry-After": "1"})])
     started = time.monotonic()
     async with quick(url) as client:
         await client.increment("a", 1)
@@ -169,21 +90,21 @@ async def test_retry_after_is_honoured(serve: Any) -> None:
     assert len(scripted.seen) == 2
 
 
-async def test_batches_durable_and_session_routes(serve: Any) -> None:
+async def test_batches_durable_and_session_routes(serve: Serve) -> None:
     not_applied = {"notApplied": [{"index": 1, "key": "b", "reason": "bigint"}]}
 
     async def partly(request: web.Request) -> web.StreamResponse:
         return web.json_response(not_applied, headers={"Preference-Applied": "durable"})
 
-    url, scripted = await serve([status(204, {"Preference-Applied": "durable"}), partly])
+    url, scripted = await serve([answer(204, {"Preference-Applied": "durable"}), partly])
     async with quick(url) as client:
         whole = await client.increments([("a", 1), ("b", 2)], durable=True)
         part = await client.increments([("a", 1), ("b", 2)], durable=True)
     assert (whole.status, whole.durable, whole.not_applied) == (204, True, ())
     assert (part.status, part.durable, part.not_applied) == (200, True, (1,))
-    path, _, prefer, body = scripted.seen[0]
-    assert (path, prefer) == ("/increments", "durable")
-    assert body == {"increments": [{"key": "a", "value": 1}, {"key": "b", "value": 2}]}
+    first = scripted.seen[0]
+    assert (first["path"], first["prefer"]) == ("/increments", "durable")
+    assert first["body"] == {"increments": [{"key": "a", "value": 1}, {"key": "b", "value": 2}]}
     async with quick(url, prefix="/api") as client:
         await client.increment("a", 1)
-    assert scripted.seen[-1][0] == "/api/increment"
+    assert scripted.seen[-1]["path"] == "/api/increment"

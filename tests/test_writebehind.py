@@ -20,7 +20,7 @@ from increment_service.writebehind import (
     WriteBehind,
     apply_batch,
 )
-from tests.support.clock import FakeClock
+from tests.support.fakeclock import FakeClock
 from tests.support.postgres import counters
 
 

@@ -1,5 +1,6 @@
-"""A clock of the test's own for the client (client.py): its deadline and backoff are judged by
-the waits it asks for, not by how long a busy machine took to run it."""
+"""A clock of the test's own. For the client (client.py): its deadline and backoff are judged
+by the waits it asks for, not by how long a busy machine took to run it. For code that takes a
+clock (the aggregator's ``clock=``): the clock itself, moved by hand."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class FakeClock:
 
     def monotonic(self) -> float:
         return self.now
+
+    __call__ = monotonic
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)

@@ -5,8 +5,8 @@ A module per concern, from the bottom up:
 * ``items``: what it holds and sends (``Keyed`` requests, ``Batch``, the int64 split);
 * ``aggregator``: the in-memory part, free of I/O (``Aggregator``);
 * ``statements``: the SQL, built from shared fragments;
-* ``store``: functions taking a connection (``apply_batch``, ``prune``,
-  ``empty_next_partition``), and how idempotency keys are claimed;
+* ``store``: ``apply_batch``, taking a connection, and how idempotency keys are claimed;
+* ``upkeep``: pruning old batch ids and emptying the expired idempotency partition;
 * ``backoff``: the one backoff of every retry loop;
 * ``settle``: what a batch's outcome means for the replica (keys remembered, rejections logged);
 * ``flusher``: the timer's flush loop, and the final flush;

@@ -20,7 +20,8 @@ from .backoff import Backoff
 from .backoff import cancelling as _cancelling
 from .items import Batch
 from .settle import record_rejections, settle_keyed
-from .store import PostgresClock, apply_batch, empty_next_partition, prune
+from .store import PostgresClock, apply_batch
+from .upkeep import empty_next_partition, prune
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -267,7 +268,7 @@ class Flusher:
 
     async def _expire_idempotency_keys(self) -> None:
         """At most every TTL/8 (and every minute), empty the partition the next bucket will
-        use (store.empty_next_partition)."""
+        use (upkeep.empty_next_partition)."""
         if time.monotonic() < self._next_expiry:
             return
         self._next_expiry = time.monotonic() + min(60.0, self.idempotency_ttl / 8)
