@@ -33,7 +33,7 @@ from increment_service.writebehind import (
     Unkeyed,
     apply_batch,
 )
-from increment_service.writebehind.store import PostgresClock
+from increment_service.writebehind.clock import PostgresClock
 from tests.support.fakeclock import FakeClock
 from tests.support.inprocess import Client, MakeReplica
 from tests.support.metrics import app_metric

@@ -423,3 +423,22 @@ def test_snapshot_adds_up_pending_in_flight_wide_and_keyed() -> None:
     agg.add("a", 10)
     agg.add_keyed(keyed("k2", ("b", 100), ("c", 1)))
     assert agg.snapshot() == {"a": 13, "b": 103, "c": 1, "w": 2 * INT64_MAX}
+
+
+def test_every_refusal_is_reported_once_whoever_refuses() -> None:
+    """Each way of being refused for backpressure calls the hook once (the service counts
+    increment_backpressure_rejections_total with it), and an admitted request never does."""
+    refusals: list[None] = []
+    agg = Aggregator("r", max_pending_keys=1, on_refusal=lambda: refusals.append(None))
+    agg.add("a", 1)
+    agg.add("a", 1)  # a key already pending: admitted
+    assert refusals == []
+    with pytest.raises(BackpressureError):
+        agg.add("b", 1)
+    with pytest.raises(BackpressureError):
+        agg.add_many([("c", 1)])
+    with pytest.raises(BackpressureError):
+        agg.add_keyed(Keyed("open", "k", b"f" * 16, (("d", 1),)))
+    error = agg.refusal()  # what the durable committer raises when the shared limit is reached
+    assert (error.status, error.retry_after) == (503, 1)
+    assert len(refusals) == 4

@@ -7,6 +7,7 @@ A module per concern, from the bottom up:
 * ``statements``: the SQL, built from shared fragments;
 * ``store``: ``apply_batch``, taking a connection, and how idempotency keys are claimed;
 * ``upkeep``: pruning old batch ids and emptying the expired idempotency partition;
+* ``clock``: Postgres's clock as last seen, to skip the key locks away from a boundary;
 * ``backoff``: the one backoff of every retry loop;
 * ``settle``: what a batch's outcome means for the replica (keys remembered, rejections logged);
 * ``flusher``: the timer's flush loop, and the final flush;

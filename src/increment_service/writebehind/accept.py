@@ -28,7 +28,6 @@ import orjson
 
 from .. import db
 from ..errors import (
-    BackpressureError,
     IdempotencyKeyReused,
     KeyInUse,
     NotCommitted,
@@ -137,11 +136,7 @@ class AcceptPolicy:
         if idempotency_key is None:
             if durable:
                 return self._told(await self.committer.commit(Unkeyed(tuple(items))), items)
-            try:
-                self.aggregator.add_many(items)
-            except BackpressureError:
-                self.metrics.backpressure_rejections.inc()
-                raise
+            self.aggregator.add_many(items)
             self.metrics.increments.inc(len(items))
             return WRITTEN_BEHIND
         keyed = Keyed(
@@ -160,11 +155,7 @@ class AcceptPolicy:
             return self._replay(keyed, record)
         if durable:
             return self._told(await self.committer.commit(keyed), items)
-        try:
-            self.aggregator.add_keyed(keyed)
-        except BackpressureError:
-            self.metrics.backpressure_rejections.inc()
-            raise
+        self.aggregator.add_keyed(keyed)
         self.metrics.increments.inc(len(items))
         return WRITTEN_BEHIND
 

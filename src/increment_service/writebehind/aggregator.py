@@ -32,9 +32,12 @@ class Aggregator:
         max_pending_keys: int,
         clock: Callable[[], float] = time.monotonic,
         idempotency_ttl: float = 3600.0,
+        on_refusal: Callable[[], None] = lambda: None,
     ) -> None:
         self.replica_id = replica_id
         self.max_pending_keys = max_pending_keys
+        # Called for every request refused for backpressure, whoever refuses it (a metric).
+        self._on_refusal = on_refusal
         self._clock = clock
         self._pending: dict[str, int] = {}
         self._pending_since: float | None = None
@@ -50,13 +53,18 @@ class Aggregator:
         )
         self._known_ttl = idempotency_ttl
 
+    def refusal(self) -> BackpressureError:
+        """The error that refuses a request for backpressure (MAX_PENDING_KEYS), counted."""
+        self._on_refusal()
+        return BackpressureError(retry_after=1)
+
     def add(self, key: str, value: int) -> None:
         pending = self._pending
         if key in pending:
             pending[key] += value
             return
         if len(pending) + self._keyed_items >= self.max_pending_keys:
-            raise BackpressureError(retry_after=1)
+            raise self.refusal()
         if not pending:
             self._started()
         pending[key] = value
@@ -66,7 +74,7 @@ class Aggregator:
         pending = self._pending
         new_keys = {key for key, _ in items if key not in pending}
         if len(pending) + self._keyed_items + len(new_keys) > self.max_pending_keys:
-            raise BackpressureError(retry_after=1)
+            raise self.refusal()
         if not pending:
             self._started()
         for key, value in items:
@@ -76,7 +84,7 @@ class Aggregator:
         """A keyed request goes out with the next batch (the accept policy has made sure this
         replica knows nothing of its key)."""
         if len(self._pending) + self._keyed_items + len(request.items) > self.max_pending_keys:
-            raise BackpressureError(retry_after=1)
+            raise self.refusal()
         if not self._pending and not self._keyed:
             self._started()
         self._keyed[request.ident] = request

@@ -21,14 +21,14 @@ import time
 
 import asyncpg
 
-from ..errors import BackpressureError
 from ..metrics import Metrics
 from .aggregator import Aggregator
 from .backoff import Backoff
 from .backoff import cancelling as _cancelling
+from .clock import PostgresClock
 from .items import Batch, Ident, Keyed, Recorded, Request
 from .settle import record_rejections, settle_keyed
-from .store import Applied, PostgresClock, apply_batch
+from .store import Applied, apply_batch
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
 
@@ -125,8 +125,7 @@ class GroupCommitter:
             return DurableAnswer(Durable.NOT_SENT)
         pending = self.aggregator.pending_keys + self.waiting_items
         if pending + len(request.items) > self.aggregator.max_pending_keys:
-            self.metrics.backpressure_rejections.inc()
-            raise BackpressureError(retry_after=1)
+            raise self.aggregator.refusal()  # the limit is the aggregator's, shared
         waiting = _Waiting(request, asyncio.get_running_loop().create_future())
         self._waiting.append(waiting)
         if isinstance(request, Keyed):

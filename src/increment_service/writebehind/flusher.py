@@ -18,9 +18,10 @@ from ..metrics import Metrics
 from .aggregator import Aggregator
 from .backoff import Backoff
 from .backoff import cancelling as _cancelling
+from .clock import PostgresClock
 from .items import Batch
 from .settle import record_rejections, settle_keyed
-from .store import PostgresClock, apply_batch
+from .store import apply_batch
 from .upkeep import empty_next_partition, prune
 
 if TYPE_CHECKING:

@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from ..errors import BackpressureError
 from ..metrics import Metrics
 from .accept import Accepted, AcceptPolicy
 from .aggregator import Aggregator
+from .clock import PostgresClock
 from .durable import GroupCommitter
 from .flusher import Flusher
 from .items import Batch, Ident, Item
-from .store import PostgresClock
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -49,7 +48,12 @@ class WriteBehind:
         incarnation = f"{replica_id}:{secrets.token_hex(6)}"
         self.pool = pool
         self.metrics = metrics
-        self.aggregator = Aggregator(incarnation, max_pending_keys, idempotency_ttl=idempotency_ttl)
+        self.aggregator = Aggregator(
+            incarnation,
+            max_pending_keys,
+            idempotency_ttl=idempotency_ttl,
+            on_refusal=metrics.backpressure_rejections.inc,
+        )
         clock = PostgresClock()  # one view of Postgres's clock for both loops
         self.flusher = Flusher(
             pool,
@@ -87,11 +91,7 @@ class WriteBehind:
 
     def add(self, key: str, value: int) -> None:
         """The default path (no key, no preference): summed in memory, no I/O."""
-        try:
-            self.aggregator.add(key, value)
-        except BackpressureError:
-            self.metrics.backpressure_rejections.inc()
-            raise
+        self.aggregator.add(key, value)
         self.metrics.increments.inc()
 
     async def accept(

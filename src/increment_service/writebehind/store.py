@@ -30,16 +30,18 @@ request, on the locked row (rare: the same counter in two requests of one batch)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 
 from ..db import Connection
 from ..tables import IDEMPOTENCY_SLOTS
+from .clock import BOUNDARY_SECONDS, PostgresClock
 from .items import INT64_MAX, INT64_MIN, KEY_SEPARATOR, Batch, Ident, Keyed, Recorded, Request
 from .statements import (
     APPLY_BATCH_SQL,
@@ -56,35 +58,6 @@ from .statements import (
 )
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
-
-#: Around a bucket boundary, how far on either side a statement may run beside one of the
-#: other bucket (whose keys it cannot see in the other partition): more than the pool's
-#: statement_timeout (db.py). Statements that start that close to a boundary take the
-#: advisory locks of their keys first.
-BOUNDARY_SECONDS = 60
-#: How far this process's clock may move against Postgres's between two statements, for the
-#: decision to skip the lock statement away from a boundary (Postgres's own test decides near
-#: one).
-_CLOCK_MARGIN_SECONDS = 30.0
-
-
-class PostgresClock:
-    """Postgres's clock as this process last saw it (its offset to ``time.time()``), to tell
-    whether a statement starts near a bucket boundary before asking Postgres."""
-
-    def __init__(self) -> None:
-        self.offset: float | None = None
-
-    def saw(self, postgres_now: float) -> None:
-        self.offset = postgres_now - time.time()
-
-    def far_from_a_boundary(self, ttl: float) -> bool:
-        """Surely more than BOUNDARY_SECONDS from one (unknown: not surely)."""
-        if self.offset is None:
-            return False
-        into = (time.time() + self.offset) % ttl
-        near = BOUNDARY_SECONDS + _CLOCK_MARGIN_SECONDS
-        return near < into < ttl - near
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -179,12 +152,16 @@ async def apply_batch(
         if not row["fresh"]:
             return Applied(False, await _rejected_before(conn, batch, statement_timeout))
         return Applied(fresh=True, rejected=list(row["rejected"]))
-    if _alone(batch):
-        # No key to lock or to record an outcome with, no counter to settle in order: the one
-        # statement says all, in its own implicit transaction, as a plain batch does.
-        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl, clock)
-    async with conn.transaction():
-        return await _apply_requests(conn, batch, head, statement_timeout, idempotency_ttl, clock)
+    # Alone (no key to lock or to record an outcome with, no counter to settle in order), the
+    # one statement says all, in its own implicit transaction, as a plain batch does.
+    alone = _alone(batch)
+    transaction: AbstractAsyncContextManager[Any] = (
+        contextlib.nullcontext() if alone else conn.transaction()
+    )
+    async with transaction:
+        return await _apply_requests(
+            conn, batch, head, statement_timeout, idempotency_ttl, clock, alone
+        )
 
 
 def _alone(batch: Batch) -> bool:
@@ -210,7 +187,9 @@ async def _apply_requests(
     statement_timeout: float,
     idempotency_ttl: float,
     clock: PostgresClock | None,
+    alone: bool,
 ) -> Applied:
+    """``alone``: _alone(batch), which decided that this runs outside a transaction."""
     requests = batch.requests
     keyed = [(n, r) for n, r in enumerate(requests) if isinstance(r, Keyed)]
     if keyed and not (clock is not None and clock.far_from_a_boundary(idempotency_ttl)):
@@ -225,7 +204,6 @@ async def _apply_requests(
     owners = [n for n, request in enumerate(requests, 1) for _ in request.items]
     positions = [i for request in requests for i in range(len(request.items))]
     item_keys, item_values = _joined(item for r in requests for item in r.items)
-    alone = _alone(batch)
     row = await conn.fetchrow(
         APPLY_REQUESTS_SQL,
         *head,
