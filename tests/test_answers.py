@@ -140,6 +140,32 @@ async def test_a_group_of_plain_requests_records_its_refusals_in_its_one_stateme
     assert await counters(pg) == {"c": INT64_MAX - 5, "a": 1, "b": 2}
 
 
+async def test_a_group_whose_running_totals_fit_is_one_sum_and_its_retry_adds_nothing(
+    pg: asyncpg.Connection, clean: None
+) -> None:
+    """Plain requests sharing a counter go as one sum checked against their running totals
+    (inorder.running_bounds): at either edge the check refuses the sum when a running total
+    would leave bigint, though the sum itself fits, and the group goes in order instead."""
+    await pg.execute(
+        "INSERT INTO counters VALUES ('hi', $1, now()), ('lo', $2, now())",
+        INT64_MAX - 5,
+        -(2**63) + 5,
+    )
+    fits = (Unkeyed((("hi", 5), ("lo", -5))), Unkeyed((("hi", -7), ("lo", 7), ("new", 3))))
+    applied = await apply_batch(pg, Batch("g", 1, [], [], 0.0, requests=fits), 10)
+    assert (applied.fresh, applied.claimed, applied.not_applied) == (True, {0, 1}, {})
+    expected = {"hi": INT64_MAX - 7, "lo": -(2**63) + 7, "new": 3}
+    assert await counters(pg) == expected
+    again = await apply_batch(pg, Batch("g", 1, [], [], 0.0, requests=fits), 10)
+    assert (again.fresh, again.not_applied) == (False, {})
+    assert await counters(pg) == expected
+    # Now 7 from each edge: +8 first would leave bigint (up, then down, sums to -1 and fits).
+    over = (Unkeyed((("hi", 8), ("lo", -8))), Unkeyed((("hi", -9), ("lo", 9))))
+    applied = await apply_batch(pg, Batch("g", 2, [], [], 0.0, requests=over), 10)
+    assert applied.not_applied == {0: (0, 1)}
+    assert await counters(pg) == {"hi": INT64_MAX - 16, "lo": -(2**63) + 16, "new": 3}
+
+
 # --- answers over HTTP -------------------------------------------------------------------
 
 

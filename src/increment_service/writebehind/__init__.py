@@ -6,6 +6,7 @@ A module per concern, from the bottom up:
 * ``aggregator``: the in-memory part, free of I/O (``Aggregator``);
 * ``statements``: the SQL, built from shared fragments;
 * ``store``: ``apply_batch``, taking a connection, and how idempotency keys are claimed;
+* ``inorder``: the arithmetic of applying requests in order (running totals, their bounds);
 * ``upkeep``: pruning old batch ids and emptying the expired idempotency partition;
 * ``clock``: Postgres's clock as last seen, to skip the key locks away from a boundary;
 * ``backoff``: the one backoff of every retry loop;

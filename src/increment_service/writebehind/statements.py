@@ -53,6 +53,35 @@ ORDER BY d.key COLLATE "C"
 """
 
 
+# A batch of requests without Idempotency-Keys (a durable group, as a rule) whose every
+# running total was found to fit (inorder.running_bounds): the plain statement, which fails
+# whole if a counter's new total leaves bigint, and which also fails whole if, for a counter
+# several requests change, the lowest or highest running total ($6, $7: relative to the new
+# total, for the counters $5) would: the casts to bigint raise numeric_value_out_of_range.
+# Then nothing was applied and the batch goes the in-order way. So the order of the requests
+# costs nothing unless a total is near the edge.
+APPLY_BOUNDED_SQL = f"""{_RECORD_BATCH}, upserted AS (
+    INSERT INTO counters AS c (key, value, updated_at)
+    SELECT d.key, d.delta, now()
+    FROM {_unnest_joined("$3", "$4")} AS d (key, delta)
+    WHERE EXISTS (SELECT FROM fresh)
+    ORDER BY d.key COLLATE "C"
+    {_ADD_TO_COUNTER}
+    RETURNING c.key, c.value
+), bound AS (
+    SELECT b.key, b.low, b.high
+    FROM unnest(
+        string_to_array($5::text, {_SEPARATOR}),
+        string_to_array($6::text, ',')::numeric[],
+        string_to_array($7::text, ',')::numeric[]
+    ) AS b (key, low, high)
+)
+SELECT EXISTS (SELECT FROM fresh) AS fresh,
+       (SELECT count((u.value + b.low)::bigint) + count((u.value + b.high)::bigint)
+        FROM upserted AS u JOIN bound AS b ON b.key = u.key) AS checked
+"""
+
+
 # Applies `delta` (key, delta, at: keys whose sum fits a bigint) and `wide` (the rare sums that
 # do not), which the statement defines before it. A key whose new total would leave bigint is
 # not updated (the WHERE of DO UPDATE) and is reported back as rejected; every other key is

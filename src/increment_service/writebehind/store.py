@@ -25,7 +25,9 @@ batch whose commit outcome was unknown.
 **In order.** The requests of a batch are applied as if each had committed alone, in order,
 and the summed deltas last. A counter that only one of them changes is applied or refused by
 the statement; a counter that several change is locked by it and settled here, request by
-request, on the locked row (rare: the same counter in two requests of one batch).
+request, on the locked row (rare: the same counter in two requests of one batch). A batch of
+requests without keys goes first as one sum, checked against its running totals
+(inorder.running_bounds), and in order only when a total is near the edge.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ import asyncpg
 from ..db import Connection
 from ..tables import IDEMPOTENCY_SLOTS
 from .clock import BOUNDARY_SECONDS, PostgresClock
-from .items import INT64_MAX, INT64_MIN, KEY_SEPARATOR, Batch, Ident, Keyed, Recorded, Request
+from .inorder import Changes, changes_by_counter, running_bounds, settle
+from .items import KEY_SEPARATOR, Batch, Ident, Keyed, Recorded
 from .statements import (
     APPLY_BATCH_SQL,
+    APPLY_BOUNDED_SQL,
     APPLY_PLAIN_BATCH_SQL,
     APPLY_REQUESTS_SQL,
     DROP_PLACEHOLDERS_SQL,
@@ -146,6 +150,8 @@ async def apply_batch(
             return Applied(
                 fresh=False, rejected=await _rejected_before(conn, batch, statement_timeout)
             )
+    if batch.requests and await _apply_bounded(conn, batch, statement_timeout):
+        return Applied(fresh=True, rejected=[], claimed=frozenset(range(len(batch.requests))))
     if not batch.requests:
         row = await conn.fetchrow(APPLY_BATCH_SQL, *head, timeout=statement_timeout)
         assert row is not None  # the outer SELECT always returns exactly one row
@@ -162,6 +168,43 @@ async def apply_batch(
         return await _apply_requests(
             conn, batch, head, statement_timeout, idempotency_ttl, clock, alone
         )
+
+
+async def _apply_bounded(conn: Connection, batch: Batch, statement_timeout: float) -> bool:
+    """Apply a batch of unkeyed requests as one sum when every running total fits (then order
+    cannot change the outcome): True if it was applied so, now. False: it was not (keyed
+    requests, a total near the edge, or a retry of a batch applied before), and nothing was
+    done; the in-order path decides."""
+    bounded = running_bounds(batch)
+    if bounded is None:
+        return False
+    keys, deltas = _joined(zip(bounded.keys, bounded.deltas, strict=True))
+    try:
+        if not bounded.shared:  # no counter changed twice: the plain statement says all
+            status = await conn.execute(
+                APPLY_PLAIN_BATCH_SQL,
+                batch.replica_id,
+                batch.seq,
+                keys,
+                deltas,
+                timeout=statement_timeout,
+            )
+            return int(status.rsplit(" ", 1)[1]) > 0  # "INSERT 0 n": n keys, 0 if a retry
+        row = await conn.fetchrow(
+            APPLY_BOUNDED_SQL,
+            batch.replica_id,
+            batch.seq,
+            keys,
+            deltas,
+            KEY_SEPARATOR.join(bounded.shared),
+            ",".join(map(str, bounded.low)),
+            ",".join(map(str, bounded.high)),
+            timeout=statement_timeout,
+        )
+    except asyncpg.NumericValueOutOfRangeError:
+        return False  # some total would leave bigint: the statement applied nothing
+    assert row is not None  # the outer SELECT always returns exactly one row
+    return bool(row["fresh"])
 
 
 def _alone(batch: Batch) -> bool:
@@ -251,7 +294,7 @@ async def _apply_requests(
     rejected_items: dict[int, set[int]] = {}
     summed_rejected: list[str] = []
     if row["rejected"] or row["shared"]:
-        changes = _changes_by_counter(requests, applied)
+        changes = changes_by_counter(requests, applied)
         # A counter one request changes: refused whole by the statement (that request's
         # items on it); one only the summed deltas change: refused as their key.
         for key in row["rejected"]:
@@ -290,25 +333,6 @@ async def _apply_requests(
     return Applied(True, summed_rejected, applied, recorded, ages, not_applied)
 
 
-#: Per counter key, the changes of a batch's applied requests, in order: (request, its net
-#: delta to the counter, the indexes of its items on it).
-Changes = dict[str, list[tuple[int, int, list[int]]]]
-
-
-def _changes_by_counter(requests: Sequence[Request], applied: frozenset[int]) -> Changes:
-    """One pass over the items of the applied requests."""
-    changes: Changes = {}
-    for n in sorted(applied):
-        mine: dict[str, tuple[int, list[int]]] = {}
-        for i, (key, value) in enumerate(requests[n].items):
-            delta, items = mine.get(key, (0, []))
-            items.append(i)
-            mine[key] = (delta + value, items)
-        for key, (delta, items) in mine.items():
-            changes.setdefault(key, []).append((n, delta, items))
-    return changes
-
-
 async def _settle_in_order(
     conn: Connection,
     batch: Batch,
@@ -327,21 +351,7 @@ async def _settle_in_order(
     wanted = set(shared)
     sums = {k: d for k, d in zip(batch.keys, batch.deltas, strict=True) if k in wanted}
     sums |= {k: d for k, d in batch.wide.items() if k in wanted}
-    changed: dict[str, int] = {}
-    for key in shared:
-        value, moved = values[key], False
-        for n, delta, items in changes.get(key, ()):
-            if INT64_MIN <= value + delta <= INT64_MAX:
-                value, moved = value + delta, True
-            else:
-                rejected_items.setdefault(n, set()).update(items)
-        if key in sums:
-            if INT64_MIN <= value + sums[key] <= INT64_MAX:
-                value, moved = value + sums[key], True
-            else:
-                summed_rejected.append(key)
-        if moved:
-            changed[key] = value
+    changed = settle(shared, values, changes, sums, rejected_items, summed_rejected)
     if changed:
         await conn.execute(
             SET_COUNTERS_SQL, list(changed), list(changed.values()), timeout=statement_timeout
