@@ -153,7 +153,7 @@ async def test_a_group_whose_running_totals_fit_is_one_sum_and_its_retry_adds_no
     )
     fits = (Unkeyed((("hi", 5), ("lo", -5))), Unkeyed((("hi", -7), ("lo", 7), ("new", 3))))
     applied = await apply_batch(pg, Batch("g", 1, [], [], 0.0, requests=fits), 10)
-    assert (applied.fresh, applied.claimed, applied.not_applied) == (True, {0, 1}, {})
+    assert (applied.fresh, applied.claimed, applied.not_applied) == (True, frozenset({0, 1}), {})
     expected = {"hi": INT64_MAX - 7, "lo": -(2**63) + 7, "new": 3}
     assert await counters(pg) == expected
     again = await apply_batch(pg, Batch("g", 1, [], [], 0.0, requests=fits), 10)

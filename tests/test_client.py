@@ -108,3 +108,67 @@ async def test_batches_durable_and_session_routes(serve: Serve) -> None:
     async with quick(url, prefix="/api") as client:
         await client.increment("a", 1)
     assert scripted.seen[-1]["path"] == "/api/increment"
+
+
+def representation(body: dict[str, Any], applied: str = "durable, return=representation") -> Step:
+    async def step(request: web.Request) -> web.StreamResponse:
+        return web.json_response(body, headers={"Preference-Applied": applied})
+
+    return step
+
+
+async def test_return_value_asks_for_the_totals_and_reads_them(serve: Serve) -> None:
+    one = {"counters": [{"key": "a", "value": 41, "updatedAt": "x"}], "notApplied": []}
+    two = {
+        "counters": [
+            {"key": "a", "value": 42, "updatedAt": "x"},
+            {"key": "b", "value": -3, "updatedAt": "x"},
+            {"value": 1},  # no key: not a counter (a server of another version, say)
+            "junk",
+        ],
+        "notApplied": [{"index": 2, "key": "c", "reason": "bigint"}],
+    }
+    url, scripted = await serve(
+        [
+            representation(one),
+            representation(two),
+            representation(one, applied="durable"),  # the totals were not applied
+            representation({"counters": [], "notApplied": [{"index": 0, "key": "a"}]}),
+        ]
+    )
+    async with quick(url) as client:
+        single = await client.increment("a", 1, return_value=True)
+        batch = await client.increments([("a", 1), ("b", 2), ("c", 3)], return_value=True)
+        not_told = await client.increment("a", 1, return_value=True)
+        refused = await client.increment("a", 1, return_value=True)
+        plain = await client.increment("a", 1, durable=True)
+    assert [seen["prefer"] for seen in scripted.seen] == [
+        "durable, return=representation",
+        "durable, return=representation",
+        "durable, return=representation",
+        "durable, return=representation",
+        "durable",
+    ]
+    assert (single.status, single.durable, single.counters, single.value) == (
+        200,
+        True,
+        {"a": 41},
+        41,
+    )
+    assert (batch.counters, batch.value, batch.not_applied) == ({"a": 42, "b": -3}, None, (2,))
+    assert (not_told.durable, not_told.counters, not_told.value) == (True, None, None)
+    assert (refused.counters, refused.value, refused.not_applied) == ({}, None, (0,))
+    assert (plain.status, plain.counters, plain.value) == (202, None, None)
+
+
+async def test_preference_applied_is_a_list(serve: Serve) -> None:
+    url, _ = await serve(
+        [
+            answer(204, {"Preference-Applied": " Durable "}),
+            answer(204, {"Preference-Applied": "respond-async, durable"}),
+            answer(204, {"Preference-Applied": "durables"}),
+        ]
+    )
+    async with quick(url) as client:
+        told = [(await client.increment("a", 1, durable=True)).durable for _ in range(3)]
+    assert told == [True, True, False]

@@ -8,6 +8,7 @@ timeout) can be sent again without ever counting twice::
         await client.increment("apples", 5)
         await client.increments([("apples", 1), ("pears", 2)])
         await client.increment("invoices", 1, durable=True)  # answered after the commit
+        total = (await client.increment("invoices", 1, return_value=True)).value
 
 What is retried, always with the same key: 408, 409 (this key's first request is still
 undecided), 425, 429, 500, 502, 503 and 504, connection errors (a reset) and timeouts; with
@@ -61,6 +62,18 @@ class Result:
     # With durable=True, the items (indexes into the operation's items) that were not applied
     # because their counter would have left the bigint range.
     not_applied: tuple[int, ...] = ()
+    # With return_value=True (read-your-writes): each counter the operation changed, its total
+    # right after the operation in its commit; None when the answer carried no totals (a
+    # replay of a first answer that had none).
+    counters: Mapping[str, int] | None = None
+
+    @property
+    def value(self) -> int | None:
+        """The total of the one counter an ``increment(..., return_value=True)`` changed (None
+        if it was not applied, or the answer carried no totals)."""
+        if self.counters is None or len(self.counters) != 1:
+            return None
+        return next(iter(self.counters.values()))
 
 
 class IncrementError(Exception):
@@ -183,30 +196,40 @@ class IncrementClient:
         value: int,
         *,
         durable: bool = False,
+        return_value: bool = False,
         idempotency_key: str | None = None,
     ) -> Result:
-        """Add ``value`` to the counter ``key``, exactly once."""
-        return await self._send(
-            "/increment", {"key": key, "value": value}, durable, idempotency_key
-        )
+        """Add ``value`` to the counter ``key``, exactly once. ``return_value`` (durable
+        implied): ``Result.value`` is the counter's total right after this increment."""
+        body = {"key": key, "value": value}
+        return await self._send("/increment", body, durable, return_value, idempotency_key)
 
     async def increments(
         self,
         items: Sequence[tuple[str, int]],
         *,
         durable: bool = False,
+        return_value: bool = False,
         idempotency_key: str | None = None,
     ) -> Result:
-        """A batch of 1 to 1000 increments, applied whole, exactly once."""
+        """A batch of 1 to 1000 increments, applied whole, exactly once. ``return_value``
+        (durable implied): ``Result.counters`` holds each counter's total right after it."""
         body = {"increments": [{"key": key, "value": value} for key, value in items]}
-        return await self._send("/increments", body, durable, idempotency_key)
+        return await self._send("/increments", body, durable, return_value, idempotency_key)
 
     async def _send(
-        self, path: str, body: Mapping[str, Any], durable: bool, idempotency_key: str | None
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        durable: bool,
+        return_value: bool,
+        idempotency_key: str | None,
     ) -> Result:
         key = idempotency_key or uuid.uuid4().hex
         headers = {"Idempotency-Key": key}
-        if durable:
+        if return_value:
+            headers["Prefer"] = "durable, return=representation"
+        elif durable:
             headers["Prefer"] = "durable"
         give_up_at = time.monotonic() + self.deadline
         attempts = 0
@@ -265,12 +288,23 @@ class IncrementClient:
     def _result(
         response: aiohttp.ClientResponse, payload: bytes, key: str, attempts: int
     ) -> Result:
-        durable = response.headers.get("Preference-Applied", "").lower() == "durable"
+        applied = {
+            preference.strip().lower()
+            for preference in response.headers.get("Preference-Applied", "").split(",")
+        }
         not_applied: tuple[int, ...] = ()
+        counters: dict[str, int] | None = None
         if response.status == 200 and payload:
-            items = _problem(payload).get("notApplied", [])
+            answer = _problem(payload)
+            items = answer.get("notApplied", [])
             not_applied = tuple(int(item["index"]) for item in items if "index" in item)
-        return Result(response.status, key, attempts, durable, not_applied)
+            if "return=representation" in applied:
+                counters = {
+                    str(c["key"]): int(c["value"])
+                    for c in answer.get("counters", [])
+                    if isinstance(c, dict) and "key" in c and "value" in c
+                }
+        return Result(response.status, key, attempts, "durable" in applied, not_applied, counters)
 
 
 def _final(status: int, problem: dict[str, Any], key: str, attempts: int) -> IncrementError:

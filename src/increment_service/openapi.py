@@ -61,13 +61,15 @@ _PREFER = {
     "description": (
         "`durable` (RFC 7240): answer only after the Postgres commit that holds the"
         " increments (204, or 200 naming the items not applied), instead of 202 at once."
+        " With `durable`, `return=representation` answers 200 with each counter's running"
+        " total right after this request in its commit (ignored without `durable`)."
     ),
-    "schema": {"type": "string", "examples": ["durable"]},
+    "schema": {"type": "string", "examples": ["durable", "durable, return=representation"]},
 }
 _DURABLE_APPLIED = {
     "Preference-Applied": {
-        "description": "`durable` on a durable answer",
-        "schema": {"type": "string", "const": "durable"},
+        "description": "`durable`; with the totals, also `return=representation`",
+        "schema": {"type": "string", "enum": ["durable", "durable, return=representation"]},
     }
 }
 
@@ -94,7 +96,16 @@ def _increment(summary: str, body: str, limit: int) -> dict[str, Any]:
                     " decided per request as if it had committed alone)"
                 ),
                 "headers": _DURABLE_APPLIED,
-                "content": _json("NotApplied"),
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/NotApplied"},
+                                {"$ref": "#/components/schemas/Representation"},
+                            ]
+                        }
+                    }
+                },
             },
             **_problems(400, 401, 405, 413, 415, 422),
             # 409: the owner of this Idempotency-Key is not decided yet (a durable request with
@@ -293,19 +304,36 @@ def document() -> dict[str, Any]:
                 "NotApplied": {
                     "type": "object",
                     "required": ["notApplied"],
+                    "properties": {"notApplied": {"$ref": "#/components/schemas/NotAppliedItems"}},
+                },
+                "NotAppliedItems": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "key", "reason"],
+                        "properties": {
+                            "index": {"type": "integer", "minimum": 0},
+                            "key": {"type": "string"},
+                            "reason": {"type": "string"},
+                        },
+                    },
+                },
+                "Representation": {
+                    "description": (
+                        "Prefer: durable, return=representation: each counter the request"
+                        " changed (in the order its items first name them), its total right"
+                        " after the request in its commit; the items not applied, if any"
+                    ),
+                    "type": "object",
+                    "required": ["counters", "notApplied"],
                     "properties": {
-                        "notApplied": {
+                        "counters": {
                             "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["index", "key", "reason"],
-                                "properties": {
-                                    "index": {"type": "integer", "minimum": 0},
-                                    "key": {"type": "string"},
-                                    "reason": {"type": "string"},
-                                },
-                            },
-                        }
+                            "items": {"$ref": "#/components/schemas/Counter"},
+                        },
+                        "notApplied": {
+                            "$ref": "#/components/schemas/NotApplied/properties/notApplied"
+                        },
                     },
                 },
                 "Counter": {

@@ -7,6 +7,7 @@ this metadata is what the migrations are checked against.
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import UUID
 
 metadata = sa.MetaData()
@@ -65,6 +66,8 @@ def _idempotency_columns() -> list[sa.Column[object]]:
         # Migration 0005: the first answer (durable or 202) and the items it did not apply.
         sa.Column("durable", sa.Boolean, nullable=True),
         sa.Column("not_applied", sa.ARRAY(sa.Integer), nullable=True),
+        # Migration 0008: the totals of a return=representation answer.
+        sa.Column("totals", postgresql.JSONB, nullable=True),
     ]
 
 

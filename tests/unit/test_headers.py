@@ -9,7 +9,9 @@ from increment_service.errors import InvalidIdempotencyKey
 from increment_service.validation.headers import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     idempotency_key,
+    preferences,
     prefers_durable,
+    prefers_representation,
     read_idempotency_key,
 )
 from tests.unit.requests import request
@@ -158,3 +160,29 @@ async def test_the_header_is_read_once_and_only_once() -> None:
 )
 async def test_prefer_durable(values: list[str], durable: bool) -> None:
     assert prefers_durable(request(b"{}", [("Prefer", v) for v in values])) is durable
+
+
+@pytest.mark.parametrize(
+    ("values", "representation"),
+    [
+        ([], False),
+        (["durable, return=representation"], True),
+        (["durable", "return=representation"], True),
+        (["Return = Representation ; x=1"], True),
+        (['return="representation"'], True),
+        (["return=minimal"], False),
+        (["return=minimal, return=representation"], False),  # the first of a name counts
+        (["return"], False),
+        (["returns=representation"], False),
+        (["x;return=representation"], False),
+        (["representation"], False),
+    ],
+)
+async def test_prefer_return_representation(values: list[str], representation: bool) -> None:
+    got = prefers_representation(request(b"{}", [("Prefer", v) for v in values]))
+    assert got is representation
+
+
+async def test_preferences_are_read_once_per_name_with_their_values() -> None:
+    found = preferences(request(b"{}", [("Prefer", 'Durable, wait=5; x, return="minimal"')]))
+    assert found == {"durable": "", "wait": "5", "return": "minimal"}

@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 
 from increment_service.writebehind.inorder import (
     Bounded,
+    alone,
     changes_by_counter,
+    in_item_order,
     running_bounds,
     settle,
+    totals_after,
 )
 from increment_service.writebehind.items import INT64_MAX, INT64_MIN, Batch, Keyed, Unkeyed
 
@@ -166,3 +169,48 @@ def test_bounds_cover_every_prefix() -> None:
         assert bounded.deltas == [totals[-1]]
         assert bounded.low == [min(totals) - totals[-1]]
         assert bounded.high == [max(totals) - totals[-1]]
+
+
+def test_totals_are_worked_back_from_the_final_totals() -> None:
+    requests = (
+        Unkeyed((("a", 2), ("b", 1), ("a", 1))),
+        Unkeyed((("a", 100),)),
+        Unkeyed((("b", 5), ("a", -3))),
+    )
+    changes = changes_by_counter(requests, frozenset({0, 1, 2}))
+    final = {"a": 110, "b": 6}
+    assert totals_after(changes, final, {}, {}, {0, 2}) == {
+        0: {"a": 13, "b": 1},
+        2: {"b": 6, "a": 110},
+    }
+    # Summed deltas came last: taken off first. A request that asked nothing gets nothing.
+    assert totals_after(changes, {"a": 117, "b": 6}, {}, {"a": 7}, {1}) == {1: {"a": 113}}
+    assert totals_after(changes, final, {}, {}, set()) == {}
+
+
+def test_a_refused_change_has_no_total_and_moved_nothing() -> None:
+    requests = (Unkeyed((("c", 10),)), Unkeyed((("c", -10), ("d", 1))), Unkeyed((("c", 3),)))
+    changes = changes_by_counter(requests, frozenset({0, 1, 2}))
+    after = totals_after(changes, {"c": 93, "d": 1}, {0: {0}}, {}, {0, 1, 2})
+    assert after == {0: {}, 1: {"c": 90, "d": 1}, 2: {"c": 93}}
+    # Only the refused change's own items count: request 1's item 1 is on another counter.
+    after = totals_after(changes, {"c": 103, "d": 0}, {1: {1}}, {}, {1})
+    assert after == {1: {"c": 100}}
+    # A counter missing from the final totals (never created: every change to it refused).
+    assert totals_after(changes, {"c": 93}, {1: {1}}, {}, {1}) == {1: {"c": 90}}
+
+
+def test_totals_follow_the_order_the_items_first_name_their_counters() -> None:
+    items = (("b", 1), ("a", 2), ("b", 3), ("c", 1))
+    assert in_item_order(items, {"a": 5, "b": 9, "c": 1}) == (("b", 9), ("a", 5), ("c", 1))
+    assert in_item_order(items, {"a": 5}) == (("a", 5),)
+
+
+def test_alone_is_plain_requests_sharing_no_counter_and_asking_no_totals() -> None:
+    assert alone(batch(Unkeyed((("a", 1), ("a", 2))), Unkeyed((("b", 1),))))
+    assert not alone(batch(Unkeyed((("a", 1),)), Unkeyed((("b", 1), ("a", 1)))))
+    assert not alone(batch(Unkeyed((("a", 1),)), sums={"z": 1}))
+    assert not alone(batch(Keyed("open", "k", b"fp", (("a", 1),))))
+    assert not alone(batch(Unkeyed((("a", 1),), representation=True)))
+    wide = Batch("r", 1, [], [], 0.0, wide={"w": INT64_MAX + 1}, requests=(Unkeyed((("b", 1),)),))
+    assert not alone(wide)

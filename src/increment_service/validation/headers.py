@@ -203,12 +203,25 @@ def _boolean(text: str, at: int) -> int:
     return at + 2
 
 
+def preferences(request: web.Request) -> dict[str, str]:
+    """The request's ``Prefer`` preferences (RFC 7240: a list of preferences, each a token,
+    case-insensitive, maybe with a value, quoted or not, and parameters, which are ignored):
+    name -> value ('' without one). The first of a name counts; unknown ones are kept and
+    ignored by their readers."""
+    found: dict[str, str] = {}
+    for header in request.headers.getall("Prefer", ()):
+        for preference in header.split(","):
+            name, _, value = preference.split(";", 1)[0].partition("=")
+            found.setdefault(name.strip().lower(), value.strip().strip('"'))
+    return found
+
+
 def prefers_durable(request: web.Request) -> bool:
-    """Whether the request asks ``Prefer: durable`` (RFC 7240: a list of preferences, each a
-    token, case-insensitive, maybe with a value and parameters; unknown ones are ignored)."""
-    for value in request.headers.getall("Prefer", ()):
-        for preference in value.split(","):
-            name = preference.split(";", 1)[0].split("=", 1)[0].strip().lower()
-            if name == "durable":
-                return True
-    return False
+    """Whether the request asks ``Prefer: durable``."""
+    return "durable" in preferences(request)
+
+
+def prefers_representation(request: web.Request) -> bool:
+    """Whether it asks ``Prefer: return=representation`` (RFC 7240 section 4.2), which the
+    increment routes honour with ``durable`` only."""
+    return preferences(request).get("return", "").lower() == "representation"

@@ -10,7 +10,7 @@ from aiohttp import web
 from .. import counters, db
 from ..appkeys import PG_POOL, SESSION, WRITE_BEHIND
 from ..errors import NotFound
-from ..validation.headers import prefers_durable, read_idempotency_key
+from ..validation.headers import prefers_durable, prefers_representation, read_idempotency_key
 from ..validation.increments import is_key, read_increment, read_increments
 from ..writebehind import Accepted
 from . import json_response
@@ -18,6 +18,7 @@ from . import json_response
 ACCEPTED = 202
 COMMITTED = 204
 DURABLE_APPLIED = {"Preference-Applied": "durable"}
+REPRESENTATION_APPLIED = {"Preference-Applied": "durable, return=representation"}
 
 
 async def increment(request: web.Request) -> web.Response:
@@ -51,6 +52,7 @@ async def _accept(
         idempotency_key=idempotency_key,
         user_id=None if session is None else session.user_id,
         durable=prefers_durable(request),
+        representation=prefers_representation(request),
     )
     return _answer(accepted)
 
@@ -58,12 +60,19 @@ async def _accept(
 def _answer(accepted: Accepted) -> web.Response:
     if not accepted.committed:
         return web.Response(status=ACCEPTED)
-    if accepted.not_applied:
-        # Some items were not applied: never a plain 204. Which ones, by their index.
-        not_applied = [
-            {"index": item.index, "key": item.key, "reason": item.reason}
-            for item in accepted.not_applied
+    # Some items not applied: never a plain 204. Which ones, by their index.
+    not_applied = [
+        {"index": item.index, "key": item.key, "reason": item.reason}
+        for item in accepted.not_applied
+    ]
+    if accepted.totals is not None:
+        at = accepted.totals.at.isoformat()
+        counters = [
+            {"key": key, "value": value, "updatedAt": at} for key, value in accepted.totals.counters
         ]
+        body = {"counters": counters, "notApplied": not_applied}
+        return json_response(body, headers=REPRESENTATION_APPLIED)
+    if not_applied:
         return json_response({"notApplied": not_applied}, headers=DURABLE_APPLIED)
     return web.Response(status=COMMITTED, headers=DURABLE_APPLIED)
 

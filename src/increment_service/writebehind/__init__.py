@@ -23,10 +23,11 @@ benchmark) use.
 
 from .accept import Accepted, NotApplied, fingerprint, scope_of
 from .aggregator import Aggregator
-from .items import INT64_MAX, INT64_MIN, Batch, Keyed, Recorded, Request, Unkeyed
+from .items import INT64_MAX, INT64_MIN, Batch, Keyed, Recorded, Request, Totals, Unkeyed
+from .records import Applied
 from .service import WriteBehind
 from .statements import APPLY_BATCH_SQL
-from .store import Applied, apply_batch
+from .store import apply_batch
 
 __all__ = [
     "APPLY_BATCH_SQL",
@@ -40,6 +41,7 @@ __all__ = [
     "NotApplied",
     "Recorded",
     "Request",
+    "Totals",
     "Unkeyed",
     "WriteBehind",
     "apply_batch",

@@ -37,8 +37,8 @@ from ..metrics import Metrics
 from .aggregator import Aggregator
 from .durable import Durable, DurableAnswer, GroupCommitter
 from .flusher import Flusher
-from .items import Item, Keyed, Recorded, Unkeyed
-from .store import lookup_records
+from .items import Item, Keyed, Recorded, Totals, Unkeyed
+from .records import lookup_records
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
 
@@ -75,6 +75,8 @@ class Accepted:
 
     committed: bool
     not_applied: tuple[NotApplied, ...] = ()
+    #: return=representation was asked and is answered (its first answer carried totals).
+    totals: Totals | None = None
 
 
 WRITTEN_BEHIND = Accepted(committed=False)
@@ -131,16 +133,25 @@ class AcceptPolicy:
         idempotency_key: str | None,
         user_id: str | None,
         durable: bool,
+        representation: bool = False,
     ) -> Accepted:
-        """Accept ``items`` (one increment or a batch, ``kind``), or raise the refusal."""
+        """Accept ``items`` (one increment or a batch, ``kind``), or raise the refusal.
+        ``representation`` (return=representation) counts only with ``durable``."""
+        representation = representation and durable
         if idempotency_key is None:
             if durable:
-                return self._told(await self.committer.commit(Unkeyed(tuple(items))), items)
+                unkeyed = Unkeyed(tuple(items), representation)
+                return self._told(await self.committer.commit(unkeyed), items, representation)
             self.aggregator.add_many(items)
             self.metrics.increments.inc(len(items))
             return WRITTEN_BEHIND
         keyed = Keyed(
-            scope_of(user_id), idempotency_key, fingerprint(kind, items), tuple(items), durable
+            scope_of(user_id),
+            idempotency_key,
+            fingerprint(kind, items),
+            tuple(items),
+            durable,
+            representation,
         )
         if self.committer.waiting(keyed.ident):
             raise _in_use(1)  # a durable request with this key waits for its commit here
@@ -154,7 +165,7 @@ class AcceptPolicy:
         if record is not None:
             return self._replay(keyed, record)
         if durable:
-            return self._told(await self.committer.commit(keyed), items)
+            return self._told(await self.committer.commit(keyed), items, representation)
         self.aggregator.add_keyed(keyed)
         self.metrics.increments.inc(len(items))
         return WRITTEN_BEHIND
@@ -166,7 +177,8 @@ class AcceptPolicy:
             raise _reused()
         self.metrics.idempotent_replays.labels("request").inc()
         if keyed.durable or record.durable:
-            return _committed(record.not_applied, keyed.items)
+            totals = record.totals if keyed.representation else None
+            return _committed(record.not_applied, keyed.items, totals)
         return WRITTEN_BEHIND
 
     async def _same_as_pending(self, keyed: Keyed) -> Accepted:
@@ -178,7 +190,8 @@ class AcceptPolicy:
         if pending is not None:
             # Still waiting for the timer: it moves into the durable group, its record saying
             # that its first answer was a 202.
-            return self._told(await self.committer.commit(pending), keyed.items)
+            # (Its first answer was a 202, without totals: so is this one.)
+            return self._told(await self.committer.commit(pending), keyed.items, False)
         # In flight: the timer's batch decides; its outcome, once settled, is the answer.
         await self.flusher.until_settled(self.durable_timeout)
         record = self.aggregator.recorded(keyed.ident)
@@ -206,8 +219,9 @@ class AcceptPolicy:
             )
         return record
 
-    def _told(self, answer: DurableAnswer, items: Sequence[Item]) -> Accepted:
-        """What a durable request is answered, from its group's outcome."""
+    def _told(self, answer: DurableAnswer, items: Sequence[Item], representation: bool) -> Accepted:
+        """What a durable request is answered, from its group's outcome (its totals, or a
+        replay's recorded ones, if it asked for them)."""
         if answer.outcome is Durable.NOT_SENT:
             raise NotCommitted(
                 "the increments could not be committed in time; nothing was applied",
@@ -219,13 +233,16 @@ class AcceptPolicy:
             raise _reused()
         if answer.outcome is Durable.COMMITTED:
             self.metrics.increments.inc(len(items) - len(answer.not_applied))
-        return _committed(answer.not_applied, items)
+        return _committed(answer.not_applied, items, answer.totals if representation else None)
 
 
-def _committed(not_applied: Sequence[int], items: Sequence[Item]) -> Accepted:
-    if not not_applied:
+def _committed(
+    not_applied: Sequence[int], items: Sequence[Item], totals: Totals | None = None
+) -> Accepted:
+    if not not_applied and totals is None:
         return COMMITTED
     return Accepted(
         committed=True,
         not_applied=tuple(NotApplied(n, items[n][0], OVERFLOW) for n in not_applied),
+        totals=totals,
     )

@@ -26,9 +26,10 @@ from .aggregator import Aggregator
 from .backoff import Backoff
 from .backoff import cancelling as _cancelling
 from .clock import PostgresClock
-from .items import Batch, Ident, Keyed, Recorded, Request
+from .items import Batch, Ident, Keyed, Recorded, Request, Totals
+from .records import Applied
 from .settle import record_rejections, settle_keyed
-from .store import Applied, apply_batch
+from .store import apply_batch
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
 
@@ -54,6 +55,8 @@ class DurableAnswer:
     not_applied: tuple[int, ...] = ()
     #: For a replay or a conflict: the record of the key (who owns it, what it was told).
     record: Recorded | None = None
+    #: return=representation: its running totals (its own, or, for a replay, its record's).
+    totals: Totals | None = None
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -323,12 +326,12 @@ def _answer_of(n: int, request: Request, applied: Applied) -> DurableAnswer:
     """What the ``n``-th request of a group is told."""
     mine = applied.not_applied.get(n, ())
     if not isinstance(request, Keyed) or n in applied.claimed:
-        return DurableAnswer(Durable.COMMITTED, mine)
+        return DurableAnswer(Durable.COMMITTED, mine, totals=applied.totals.get(n))
     record = applied.recorded_before.get(n)
     if record is None:
         # Found applied, its record not seen: a retry of this very group, whose first
         # attempt committed (then its own outcome), or a record that expired meanwhile.
         return DurableAnswer(Durable.REPLAY, mine)
     if record.fingerprint == request.fingerprint:
-        return DurableAnswer(Durable.REPLAY, record.not_applied, record)
+        return DurableAnswer(Durable.REPLAY, record.not_applied, record, record.totals)
     return DurableAnswer(Durable.CONFLICT, record=record)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .items import INT64_MAX, INT64_MIN, Batch, Keyed, Request
+from .items import INT64_MAX, INT64_MIN, Batch, Item, Keyed, Request
 
 #: Per counter key, the changes of a batch's applied requests, in order: (request, its net
 #: delta to the counter, the indexes of its items on it).
@@ -107,3 +107,51 @@ def settle(
         if moved:
             changed[key] = value
     return changed
+
+
+def totals_after(
+    changes: Changes,
+    final: dict[str, int],
+    refused: dict[int, set[int]],
+    sums: dict[str, int],
+    wanted: set[int],
+) -> dict[int, dict[str, int]]:
+    """For each request in ``wanted``, the running total of each counter it changed right
+    after its change, worked back from the counters' ``final`` totals: the applied summed
+    deltas (``sums``, which came last) taken off, then each applied change from the last.
+    A change whose items are in ``refused`` moved nothing and has no total."""
+    after: dict[int, dict[str, int]] = {n: {} for n in wanted}
+    for key, steps in changes.items():
+        if key not in final:
+            continue  # every change to it refused, and the counter never existed
+        value = final[key] - sums.get(key, 0)
+        for n, delta, items in reversed(steps):
+            if items[0] in refused.get(n, ()):
+                continue
+            if n in wanted:
+                after[n][key] = value
+            value -= delta
+    return after
+
+
+def in_item_order(items: Sequence[Item], totals: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """A request's totals in the order its items first name their counters."""
+    return tuple((key, totals[key]) for key in dict.fromkeys(k for k, _ in items) if key in totals)
+
+
+def alone(batch: Batch) -> bool:
+    """Whether the batch's requests have no key, no summed deltas beside them, and no counter
+    that two of them change (a durable group of plain requests, almost always)."""
+    if batch.keys or batch.wide:
+        return False
+    if any(r.representation for r in batch.requests):
+        return False  # its totals are read in its transaction, which holds the rows' locks
+    seen: set[str] = set()
+    for request in batch.requests:
+        if isinstance(request, Keyed):
+            return False
+        mine = {key for key, _ in request.items}
+        if not seen.isdisjoint(mine):
+            return False
+        seen |= mine
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Mapping
 
 INT64_MIN = -(2**63)
@@ -28,6 +29,9 @@ class Keyed:
     #: Its first answer is a durable one (the key's record says so to every retry); False:
     #: it was answered 202 (even when a durable retry later moves it into a durable group).
     durable: bool = False
+    #: ``Prefer: durable, return=representation``: its answer names each counter's running
+    #: total right after it (kept in its key's record, for every replay).
+    representation: bool = False
 
     @property
     def ident(self) -> Ident:
@@ -39,9 +43,20 @@ class Unkeyed:
     """A durable request without an Idempotency-Key: applied as if it had committed alone."""
 
     items: tuple[Item, ...]
+    representation: bool = False  # as Keyed.representation
 
 
 Request = Keyed | Unkeyed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Totals:
+    """``return=representation``: each counter a request changed (in the order its items
+    first name them; not those whose change was refused), with its running total right after
+    the request in its commit, and that commit's time (every such counter's ``updated_at``)."""
+
+    counters: tuple[tuple[str, int], ...]
+    at: datetime.datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,6 +66,7 @@ class Recorded:
     fingerprint: bytes
     durable: bool = False  # the first answer was a durable 204/200; else a 202
     not_applied: tuple[int, ...] = ()  # the indexes of the items that were not applied
+    totals: Totals | None = None  # its totals, if its first answer was a representation
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

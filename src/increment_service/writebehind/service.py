@@ -102,10 +102,16 @@ class WriteBehind:
         idempotency_key: str | None = None,
         user_id: str | None = None,
         durable: bool = False,
+        representation: bool = False,
     ) -> Accepted:
         """Any other request: see accept.py for what is decided, and how."""
         return await self._policy.accept(
-            items, kind=kind, idempotency_key=idempotency_key, user_id=user_id, durable=durable
+            items,
+            kind=kind,
+            idempotency_key=idempotency_key,
+            user_id=user_id,
+            durable=durable,
+            representation=representation,
         )
 
     @property

@@ -9,7 +9,7 @@ import logging
 from ..metrics import Metrics
 from .aggregator import Aggregator
 from .items import Batch, Keyed, Recorded
-from .store import Applied
+from .records import Applied
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
 
@@ -25,7 +25,12 @@ def settle_keyed(aggregator: Aggregator, metrics: Metrics, batch: Batch, applied
         if n in applied.claimed or recorded is None:
             # Applied by this batch; or, found applied and its record not seen (a retry of
             # this very batch, the record expired meanwhile): its own outcome.
-            mine = Recorded(request.fingerprint, request.durable, applied.not_applied.get(n, ()))
+            mine = Recorded(
+                request.fingerprint,
+                request.durable,
+                applied.not_applied.get(n, ()),
+                applied.totals.get(n),
+            )
             aggregator.remember(request.ident, mine)
             continue
         if recorded.fingerprint == request.fingerprint:

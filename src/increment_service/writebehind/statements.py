@@ -59,7 +59,8 @@ ORDER BY d.key COLLATE "C"
 # several requests change, the lowest or highest running total ($6, $7: relative to the new
 # total, for the counters $5) would: the casts to bigint raise numeric_value_out_of_range.
 # Then nothing was applied and the batch goes the in-order way. So the order of the requests
-# costs nothing unless a total is near the edge.
+# costs nothing unless a total is near the edge. With $8 true (a request asked for
+# return=representation), the counters' new totals and the commit's time come back too.
 APPLY_BOUNDED_SQL = f"""{_RECORD_BATCH}, upserted AS (
     INSERT INTO counters AS c (key, value, updated_at)
     SELECT d.key, d.delta, now()
@@ -78,7 +79,10 @@ APPLY_BOUNDED_SQL = f"""{_RECORD_BATCH}, upserted AS (
 )
 SELECT EXISTS (SELECT FROM fresh) AS fresh,
        (SELECT count((u.value + b.low)::bigint) + count((u.value + b.high)::bigint)
-        FROM upserted AS u JOIN bound AS b ON b.key = u.key) AS checked
+        FROM upserted AS u JOIN bound AS b ON b.key = u.key) AS checked,
+       t.keys, t.totals, now() AS at
+FROM (SELECT array_agg(u.key) AS keys, array_agg(u.value) AS totals
+      FROM upserted AS u WHERE $8) AS t
 """
 
 
@@ -209,7 +213,8 @@ APPLY_REQUESTS_SQL = f"""{_RECORD_BATCH}, request AS (
     WHERE EXISTS (SELECT FROM fresh)
 ), live AS (
     SELECT r.n, k.fingerprint, coalesce(k.durable, false) AS durable, k.not_applied,
-           extract(epoch FROM now() - k.recorded_at)::double precision AS age
+           extract(epoch FROM now() - k.recorded_at)::double precision AS age, k.totals,
+           k.recorded_at
     FROM request AS r
     JOIN idempotency_keys AS k ON k.scope = r.scope AND k.key = r.key
     WHERE {_live("$14", "$15")}
@@ -265,6 +270,8 @@ APPLY_REQUESTS_SQL = f"""{_RECORD_BATCH}, request AS (
     ARRAY (SELECT coalesce(array_to_string(not_applied, ','), '') FROM live ORDER BY n)
         AS recorded_not_applied,
     ARRAY (SELECT age FROM live ORDER BY n) AS recorded_age,
+    ARRAY (SELECT coalesce(totals::text, '') FROM live ORDER BY n) AS recorded_totals,
+    ARRAY (SELECT recorded_at FROM live ORDER BY n) AS recorded_at,
     extract(epoch FROM now())::double precision AS postgres_now"""
 
 # The counters several requests of a batch change, locked by the statement above: their
@@ -303,6 +310,21 @@ WHERE k.slot = ({_BUCKET.format(ttl="$9")} % $10::bigint)::smallint
   AND k.scope = u.scope AND k.key = u.key AND k.recorded_at = now()
 """
 
+# return=representation, after a batch applied in order (in its transaction, which holds the
+# rows' locks): the counters' totals now ($1 their keys), and the commit's time.
+READ_TOTALS_SQL = """
+SELECT key, value, now() AS at FROM counters WHERE key = ANY($1::text[])
+"""
+# ...kept in the records of the keyed requests that asked ($1 scopes, $2 keys, $3 the totals as
+# JSON ([[counter key, total], ...]); $4 IDEMPOTENCY_TTL_SECONDS, $5 the partitions), which
+# this transaction claimed at its now().
+RECORD_TOTALS_SQL = f"""
+UPDATE idempotency_keys AS k SET totals = u.totals::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[]) AS u (scope, key, totals)
+WHERE k.slot = ({_BUCKET.format(ttl="$4")} % $5::bigint)::smallint
+  AND k.scope = u.scope AND k.key = u.key AND k.recorded_at = now()
+"""
+
 # A retry of a batch applied before: what it did not apply then.
 REQUEST_REJECTIONS_SQL = (
     "SELECT request, items FROM request_rejections WHERE replica_id = $1 AND seq = $2"
@@ -321,7 +343,8 @@ FROM (SELECT floor(extract(epoch FROM clock_timestamp()) / $1)::bigint AS b) AS 
 # partitions): a primary-key lookup in the two partitions a live record can be in.
 RECORDED_SQL = f"""
 SELECT k.scope, k.key, k.fingerprint, coalesce(k.durable, false) AS durable, k.not_applied,
-       extract(epoch FROM now() - k.recorded_at)::double precision AS age
+       extract(epoch FROM now() - k.recorded_at)::double precision AS age, k.totals::text,
+       k.recorded_at
 FROM unnest($1::text[], $2::text[]) AS r (scope, key)
 JOIN idempotency_keys AS k ON k.scope = r.scope AND k.key = r.key
 WHERE {_live("$3", "$4")}

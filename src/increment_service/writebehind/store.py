@@ -33,9 +33,9 @@ requests without keys goes first as one sum, checked against its running totals
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import datetime
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -44,8 +44,24 @@ import asyncpg
 from ..db import Connection
 from ..tables import IDEMPOTENCY_SLOTS
 from .clock import BOUNDARY_SECONDS, PostgresClock
-from .inorder import Changes, changes_by_counter, running_bounds, settle
-from .items import KEY_SEPARATOR, Batch, Ident, Keyed, Recorded
+from .inorder import (
+    Changes,
+    alone,
+    changes_by_counter,
+    in_item_order,
+    running_bounds,
+    settle,
+    totals_after,
+)
+from .items import KEY_SEPARATOR, Batch, Keyed, Recorded, Totals
+from .records import (
+    Applied,
+    applied_before,
+    dump_totals,
+    lookup_records,
+    parse_record,
+    rejected_before,
+)
 from .statements import (
     APPLY_BATCH_SQL,
     APPLY_BOUNDED_SQL,
@@ -54,28 +70,13 @@ from .statements import (
     DROP_PLACEHOLDERS_SQL,
     LOCK_KEYS_SQL,
     LOCKED_COUNTERS_SQL,
+    READ_TOTALS_SQL,
     RECORD_REJECTIONS_SQL,
-    RECORDED_SQL,
-    REJECTED_BEFORE_SQL,
-    REQUEST_REJECTIONS_SQL,
+    RECORD_TOTALS_SQL,
     SET_COUNTERS_SQL,
 )
 
 log = logging.getLogger("increment_service.writebehind")  # one logger for the package
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Applied:
-    fresh: bool  # False: this batch id had already been applied by an earlier attempt
-    rejected: list[str]  # keys of the summed deltas whose total would have left bigint
-    # Requests (indexes into batch.requests) this statement applied: those without a key and
-    # those whose key was new. (Empty when not fresh.)
-    claimed: frozenset[int] = frozenset()
-    # For the keyed requests it did not claim, their key's live record, and its age (s).
-    recorded_before: dict[int, Recorded] = dataclasses.field(default_factory=dict)
-    recorded_age: dict[int, float] = dataclasses.field(default_factory=dict)
-    # Per request: the indexes of its items that were not applied (absent: all applied).
-    not_applied: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _joined(items: Iterable[tuple[str, int]]) -> tuple[str, str]:
@@ -84,41 +85,6 @@ def _joined(items: Iterable[tuple[str, int]]) -> tuple[str, str]:
         KEY_SEPARATOR.join(key for key, _ in pairs),
         ",".join(str(value) for _, value in pairs),
     )
-
-
-async def _rejected_before(conn: Connection, batch: Batch, statement_timeout: float) -> list[str]:
-    """A retry of a batch applied before: what it rejected then, if anything (a query of its
-    own: the retry's snapshot may predate that commit)."""
-    before = await conn.fetchval(
-        REJECTED_BEFORE_SQL, batch.replica_id, batch.seq, timeout=statement_timeout
-    )
-    return list(before or [])
-
-
-def _record(row: Any) -> tuple[Recorded, float]:
-    """A key's record as the statements return it, and its age in seconds."""
-    record = Recorded(bytes(row[0]), bool(row[1]), tuple(row[2] or ()))
-    return record, float(row[3])
-
-
-async def lookup_records(
-    conn: Connection, idents: Sequence[Ident], idempotency_ttl: float, statement_timeout: float
-) -> dict[Ident, tuple[Recorded, float]]:
-    """The live records of these keys (a primary-key lookup), with their ages."""
-    rows = await conn.fetch(
-        RECORDED_SQL,
-        [scope for scope, _ in idents],
-        [key for _, key in idents],
-        int(idempotency_ttl),
-        IDEMPOTENCY_SLOTS,
-        timeout=statement_timeout,
-    )
-    return {
-        (r["scope"], r["key"]): _record(
-            (r["fingerprint"], r["durable"], r["not_applied"], r["age"])
-        )
-        for r in rows
-    }
 
 
 async def apply_batch(
@@ -148,39 +114,45 @@ async def apply_batch(
             if int(status.rsplit(" ", 1)[1]) > 0:
                 return Applied(fresh=True, rejected=[])
             return Applied(
-                fresh=False, rejected=await _rejected_before(conn, batch, statement_timeout)
+                fresh=False, rejected=await rejected_before(conn, batch, statement_timeout)
             )
-    if batch.requests and await _apply_bounded(conn, batch, statement_timeout):
-        return Applied(fresh=True, rejected=[], claimed=frozenset(range(len(batch.requests))))
+    if batch.requests:
+        bounded = await _apply_bounded(conn, batch, statement_timeout)
+        if bounded is not None:
+            return bounded
     if not batch.requests:
         row = await conn.fetchrow(APPLY_BATCH_SQL, *head, timeout=statement_timeout)
         assert row is not None  # the outer SELECT always returns exactly one row
         if not row["fresh"]:
-            return Applied(False, await _rejected_before(conn, batch, statement_timeout))
+            return Applied(False, await rejected_before(conn, batch, statement_timeout))
         return Applied(fresh=True, rejected=list(row["rejected"]))
     # Alone (no key to lock or to record an outcome with, no counter to settle in order), the
     # one statement says all, in its own implicit transaction, as a plain batch does.
-    alone = _alone(batch)
+    unlocked = alone(batch)
     transaction: AbstractAsyncContextManager[Any] = (
-        contextlib.nullcontext() if alone else conn.transaction()
+        contextlib.nullcontext() if unlocked else conn.transaction()
     )
     async with transaction:
         return await _apply_requests(
-            conn, batch, head, statement_timeout, idempotency_ttl, clock, alone
+            conn, batch, head, statement_timeout, idempotency_ttl, clock, unlocked
         )
 
 
-async def _apply_bounded(conn: Connection, batch: Batch, statement_timeout: float) -> bool:
+async def _apply_bounded(
+    conn: Connection, batch: Batch, statement_timeout: float
+) -> Applied | None:
     """Apply a batch of unkeyed requests as one sum when every running total fits (then order
-    cannot change the outcome): True if it was applied so, now. False: it was not (keyed
-    requests, a total near the edge, or a retry of a batch applied before), and nothing was
-    done; the in-order path decides."""
+    cannot change the outcome). None: it was not applied so (keyed requests, a total near the
+    edge, or a retry of a batch applied before), and nothing was done; the in-order path
+    decides."""
     bounded = running_bounds(batch)
     if bounded is None:
-        return False
+        return None
+    everything = frozenset(range(len(batch.requests)))
+    wanted = {n for n, r in enumerate(batch.requests) if r.representation}
     keys, deltas = _joined(zip(bounded.keys, bounded.deltas, strict=True))
     try:
-        if not bounded.shared:  # no counter changed twice: the plain statement says all
+        if not bounded.shared and not wanted:  # no order to check, no totals: the plain one
             status = await conn.execute(
                 APPLY_PLAIN_BATCH_SQL,
                 batch.replica_id,
@@ -189,7 +161,9 @@ async def _apply_bounded(conn: Connection, batch: Batch, statement_timeout: floa
                 deltas,
                 timeout=statement_timeout,
             )
-            return int(status.rsplit(" ", 1)[1]) > 0  # "INSERT 0 n": n keys, 0 if a retry
+            if int(status.rsplit(" ", 1)[1]) == 0:  # "INSERT 0 n": n keys, 0 if a retry
+                return None
+            return Applied(fresh=True, rejected=[], claimed=everything)
         row = await conn.fetchrow(
             APPLY_BOUNDED_SQL,
             batch.replica_id,
@@ -199,28 +173,28 @@ async def _apply_bounded(conn: Connection, batch: Batch, statement_timeout: floa
             KEY_SEPARATOR.join(bounded.shared),
             ",".join(map(str, bounded.low)),
             ",".join(map(str, bounded.high)),
+            bool(wanted),
             timeout=statement_timeout,
         )
     except asyncpg.NumericValueOutOfRangeError:
-        return False  # some total would leave bigint: the statement applied nothing
+        return None  # some total would leave bigint: the statement applied nothing
     assert row is not None  # the outer SELECT always returns exactly one row
-    return bool(row["fresh"])
+    if not row["fresh"]:
+        return None
+    totals: dict[int, Totals] = {}
+    if wanted:
+        final = dict(zip(row["keys"], row["totals"], strict=True))
+        changes = changes_by_counter(batch.requests, everything)
+        totals = _totals(batch, totals_after(changes, final, {}, {}, wanted), row["at"])
+    return Applied(fresh=True, rejected=[], claimed=everything, totals=totals)
 
 
-def _alone(batch: Batch) -> bool:
-    """Whether the batch's requests have no key, no summed deltas beside them, and no counter
-    that two of them change (a durable group of plain requests, almost always)."""
-    if batch.keys or batch.wide:
-        return False
-    seen: set[str] = set()
-    for request in batch.requests:
-        if isinstance(request, Keyed):
-            return False
-        mine = {key for key, _ in request.items}
-        if not seen.isdisjoint(mine):
-            return False
-        seen |= mine
-    return True
+def _totals(
+    batch: Batch, after: dict[int, dict[str, int]], at: datetime.datetime
+) -> dict[int, Totals]:
+    return {
+        n: Totals(in_item_order(batch.requests[n].items, mine), at) for n, mine in after.items()
+    }
 
 
 async def _apply_requests(
@@ -232,7 +206,7 @@ async def _apply_requests(
     clock: PostgresClock | None,
     alone: bool,
 ) -> Applied:
-    """``alone``: _alone(batch), which decided that this runs outside a transaction."""
+    """``alone``: alone(batch), which decided that this runs outside a transaction."""
     requests = batch.requests
     keyed = [(n, r) for n, r in enumerate(requests) if isinstance(r, Keyed)]
     if keyed and not (clock is not None and clock.far_from_a_boundary(idempotency_ttl)):
@@ -267,20 +241,24 @@ async def _apply_requests(
     if clock is not None:
         clock.saw(row["postgres_now"])
     if not row["fresh"]:
-        return await _applied_before(conn, batch, statement_timeout, idempotency_ttl)
+        return await applied_before(conn, batch, statement_timeout, idempotency_ttl)
     applied = frozenset(n - 1 for n in row["applied"])
     recorded: dict[int, Recorded] = {}
     ages: dict[int, float] = {}
-    for n, fingerprint, durable, not_applied, age in zip(
+    for n, fingerprint, durable, not_applied, age, totals_text, at in zip(
         row["recorded_n"],
         row["recorded_fingerprint"],
         row["recorded_durable"],
         row["recorded_not_applied"],
         row["recorded_age"],
+        row["recorded_totals"],
+        row["recorded_at"],
         strict=True,
     ):
         indexes = [int(i) for i in not_applied.split(",")] if not_applied else []
-        recorded[n - 1], ages[n - 1] = _record((fingerprint, durable, indexes, age))
+        recorded[n - 1], ages[n - 1] = parse_record(
+            fingerprint, durable, indexes, age, totals_text, at
+        )
     unseen = {n: r for n, r in keyed if n not in applied and n not in recorded}
     if unseen:
         # Claimed by a statement that took no advisory lock (a replica of an earlier version)
@@ -293,7 +271,9 @@ async def _apply_requests(
                 recorded[n], ages[n] = found[request.ident]
     rejected_items: dict[int, set[int]] = {}
     summed_rejected: list[str] = []
-    if row["rejected"] or row["shared"]:
+    wanted = {n for n in applied if requests[n].representation}
+    changes: Changes = {}
+    if row["rejected"] or row["shared"] or wanted:
         changes = changes_by_counter(requests, applied)
         # A counter one request changes: refused whole by the statement (that request's
         # items on it); one only the summed deltas change: refused as their key.
@@ -330,7 +310,53 @@ async def _apply_requests(
             IDEMPOTENCY_SLOTS,
             timeout=statement_timeout,
         )
-    return Applied(True, summed_rejected, applied, recorded, ages, not_applied)
+    totals: dict[int, Totals] = {}
+    if wanted:
+        totals = await _read_totals(
+            conn,
+            batch,
+            changes,
+            rejected_items,
+            summed_rejected,
+            wanted,
+            statement_timeout,
+            idempotency_ttl,
+        )
+    return Applied(True, summed_rejected, applied, recorded, ages, not_applied, totals)
+
+
+async def _read_totals(
+    conn: Connection,
+    batch: Batch,
+    changes: Changes,
+    rejected_items: dict[int, set[int]],
+    summed_rejected: list[str],
+    wanted: set[int],
+    statement_timeout: float,
+    idempotency_ttl: float,
+) -> dict[int, Totals]:
+    """return=representation, in the batch's transaction: the counters' totals read back
+    (their rows are locked by it), worked back to each asking request's running totals, and
+    kept in the records of the keyed ones."""
+    keys = sorted({key for key, steps in changes.items() if any(n in wanted for n, _, _ in steps)})
+    rows = await conn.fetch(READ_TOTALS_SQL, keys, timeout=statement_timeout)
+    at = rows[0]["at"] if rows else await conn.fetchval("SELECT now()")
+    final = {r["key"]: r["value"] for r in rows}
+    sums = {k: d for k, d in zip(batch.keys, batch.deltas, strict=True) if k not in summed_rejected}
+    sums |= {k: d for k, d in batch.wide.items() if k not in summed_rejected}
+    totals = _totals(batch, totals_after(changes, final, rejected_items, sums, wanted), at)
+    keyed = [(n, r) for n, r in enumerate(batch.requests) if n in totals and isinstance(r, Keyed)]
+    if keyed:
+        await conn.execute(
+            RECORD_TOTALS_SQL,
+            [r.scope for _, r in keyed],
+            [r.key for _, r in keyed],
+            [dump_totals(totals[n]) for n, _ in keyed],
+            int(idempotency_ttl),
+            IDEMPOTENCY_SLOTS,
+            timeout=statement_timeout,
+        )
+    return totals
 
 
 async def _settle_in_order(
@@ -361,26 +387,3 @@ async def _settle_in_order(
         await conn.execute(
             DROP_PLACEHOLDERS_SQL, list(placeholders - changed.keys()), timeout=statement_timeout
         )
-
-
-async def _applied_before(
-    conn: Connection, batch: Batch, statement_timeout: float, idempotency_ttl: float
-) -> Applied:
-    """A retry of a batch with requests that was applied before (its commit outcome was
-    unknown): what it did then, read back. Its keyed requests' records say what they were
-    answered; the others, what request_rejections kept."""
-    rows = await conn.fetch(
-        REQUEST_REJECTIONS_SQL, batch.replica_id, batch.seq, timeout=statement_timeout
-    )
-    not_applied = {r["request"] - 1: tuple(r["items"]) for r in rows}
-    keyed = [(n, r) for n, r in enumerate(batch.requests) if isinstance(r, Keyed)]
-    found = await lookup_records(
-        conn, [r.ident for _, r in keyed], idempotency_ttl, statement_timeout
-    )
-    return Applied(
-        fresh=False,
-        rejected=await _rejected_before(conn, batch, statement_timeout),
-        recorded_before={n: found[r.ident][0] for n, r in keyed if r.ident in found},
-        recorded_age={n: found[r.ident][1] for n, r in keyed if r.ident in found},
-        not_applied=not_applied,
-    )
