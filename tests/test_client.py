@@ -134,6 +134,7 @@ async def test_return_value_asks_for_the_totals_and_reads_them(serve: Serve) -> 
             representation(two),
             representation(one, applied="durable"),  # the totals were not applied
             representation({"counters": [], "notApplied": [{"index": 0, "key": "a"}]}),
+            representation({"notApplied": []}),  # no counters at all: none
         ]
     )
     async with quick(url) as client:
@@ -141,8 +142,10 @@ async def test_return_value_asks_for_the_totals_and_reads_them(serve: Serve) -> 
         batch = await client.increments([("a", 1), ("b", 2), ("c", 3)], return_value=True)
         not_told = await client.increment("a", 1, return_value=True)
         refused = await client.increment("a", 1, return_value=True)
+        bare = await client.increment("a", 1, return_value=True)
         plain = await client.increment("a", 1, durable=True)
     assert [seen["prefer"] for seen in scripted.seen] == [
+        "durable, return=representation",
         "durable, return=representation",
         "durable, return=representation",
         "durable, return=representation",
@@ -158,6 +161,7 @@ async def test_return_value_asks_for_the_totals_and_reads_them(serve: Serve) -> 
     assert (batch.counters, batch.value, batch.not_applied) == ({"a": 42, "b": -3}, None, (2,))
     assert (not_told.durable, not_told.counters, not_told.value) == (True, None, None)
     assert (refused.counters, refused.value, refused.not_applied) == ({}, None, (0,))
+    assert (bare.counters, bare.value) == ({}, None)
     assert (plain.status, plain.counters, plain.value) == (202, None, None)
 
 

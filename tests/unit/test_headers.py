@@ -176,6 +176,7 @@ async def test_prefer_durable(values: list[str], durable: bool) -> None:
         (["returns=representation"], False),
         (["x;return=representation"], False),
         (["representation"], False),
+        (["return=Xrepresentation"], False),  # only quotes and spaces are taken off
     ],
 )
 async def test_prefer_return_representation(values: list[str], representation: bool) -> None:

@@ -214,3 +214,25 @@ def test_alone_is_plain_requests_sharing_no_counter_and_asking_no_totals() -> No
     assert not alone(batch(Unkeyed((("a", 1),), representation=True)))
     wide = Batch("r", 1, [], [], 0.0, wide={"w": INT64_MAX + 1}, requests=(Unkeyed((("b", 1),)),))
     assert not alone(wide)
+
+
+def test_settle_takes_a_change_that_reaches_either_edge_exactly() -> None:
+    changes = {"up": [(0, 5, [0])], "down": [(0, -5, [1])], "sum": [(0, 1, [2])]}
+    rejected: dict[int, set[int]] = {}
+    summed: list[str] = []
+    start = {"up": INT64_MAX - 5, "down": INT64_MIN + 5, "sum": INT64_MAX - 3}
+    changed = settle(["up", "down", "sum"], start, changes, {"sum": 2}, rejected, summed)
+    assert changed == {"up": INT64_MAX, "down": INT64_MIN, "sum": INT64_MAX}
+    assert (rejected, summed) == ({}, [])
+
+
+def test_totals_go_on_past_a_missing_counter_and_a_refused_change() -> None:
+    requests = (Unkeyed((("gone", 1), ("c", 1))), Unkeyed((("c", 5),)), Unkeyed((("c", 2),)))
+    changes = changes_by_counter(requests, frozenset({0, 1, 2}))
+    # "gone" comes first and is not among the final totals; request 1's change was refused.
+    after = totals_after(changes, {"c": 13}, {0: {0}, 1: {0}}, {}, {0, 2})
+    assert after == {0: {"c": 11}, 2: {"c": 13}}
+
+
+def test_alone_remembers_every_counter_seen_so_far() -> None:
+    assert not alone(batch(Unkeyed((("a", 1),)), Unkeyed((("b", 1),)), Unkeyed((("a", 1),))))
