@@ -1,0 +1,478 @@
+"""Counter reads beyond one key, end to end against real Postgres and Redis: a lookup of many
+keys (POST /api/counters/lookup) and the listing by prefix in byte order (GET /api/counters).
+
+Every test of this module runs on a database of its own whose default collation is NOT "C"
+(an ICU locale, or a libc one such as en_US.UTF-8 where ICU is missing): there the primary
+key's index cannot give byte order, so the listing is right only through its own
+``(key COLLATE "C")`` index and a range that says ``COLLATE "C"`` (migration 0007). On a "C"
+database (this machine's default) a listing that forgot the collation would pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from increment_service import counters
+from increment_service.db import migrate, schema_dir
+from increment_service.validation.reads import MAX_LOOKUP_BODY_BYTES
+from tests.conftest import Servers, _admin
+from tests.support.api import signed_in
+from tests.support.inprocess import Client, base_url
+from tests.support.net import JSON
+from tests.support.postgres import with_database
+from tests.support.problems import assert_problem
+
+#: Keys that LIKE, a URL's query or a collation would each get wrong: LIKE's wildcards and
+#: escape, a '+' (a space in a query string unless escaped), a space, case (byte order puts
+#: 'B' before 'a', a linguistic collation does not), and multibyte UTF-8 up to 4 bytes.
+AWKWARD = [
+    "p:100%",
+    "p:100%sure",
+    "p:a_b",
+    "p:axb",
+    "p:a\\b",
+    "p:a\\\\b",
+    "p:a+b",
+    "p:a b",
+    "p:B",
+    "p:a",
+    "p:\u00e9",
+    "p:e\u0301",
+    "p:\u65e5\u672c",
+    "p:\U0001f600",
+    "p:\U0010ffff",
+    "p:\ud7ff",
+    "p:\ue000",
+    "p",
+    "q",
+    "o\U0010ffff",
+]
+
+
+async def _collation_clause(admin_url: str) -> str:
+    """CREATE DATABASE options for a default collation that is not byte order."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        icu = await conn.fetchval("SELECT count(*) FROM pg_collation WHERE collprovider = 'i'")
+        libc = await conn.fetchval(
+            "SELECT collcollate FROM pg_collation WHERE collprovider = 'c'"
+            " AND collcollate ILIKE 'en_US.utf%8' LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    if icu:
+        return "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    if libc:
+        return f"TEMPLATE template0 LOCALE '{libc}'"
+    pytest.skip("this Postgres has neither ICU nor an en_US libc locale: no non-C collation")
+
+
+@pytest.fixture(scope="module")
+def database_url(servers: Servers) -> Iterator[str]:
+    """This module's database: default collation en-US (not byte order), migrated."""
+    name = f"increment_reads_{uuid.uuid4().hex[:10]}"
+    clause = asyncio.run(_collation_clause(servers.postgres_url))
+    asyncio.run(_admin(servers.postgres_url, f'CREATE DATABASE "{name}" {clause}'))
+    url = with_database(servers.postgres_url, name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        asyncio.run(_admin(servers.postgres_url, f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+async def store(pg: asyncpg.Connection, values: dict[str, int]) -> None:
+    await pg.execute(
+        "INSERT INTO counters (key, value, updated_at)"
+        " SELECT unnest($1::text[]), unnest($2::bigint[]), now()",
+        list(values),
+        list(values.values()),
+    )
+
+
+async def lookup(client: Client, headers: dict[str, str], keys: Any) -> Any:
+    return await client.post("/api/counters/lookup", json={"keys": keys}, headers=headers)
+
+
+async def listing(client: Client, headers: dict[str, str], **params: str) -> Any:
+    return await client.get("/api/counters", params=params, headers=headers)
+
+
+async def every_page(
+    client: Client, headers: dict[str, str], prefix: str, limit: int
+) -> list[list[str]]:
+    """The keys of every page of a prefix, following ``next`` to its null."""
+    pages: list[list[str]] = []
+    params = {"prefix": prefix, "limit": str(limit)}
+    while True:
+        response = await listing(client, headers, **params)
+        assert response.status == 200, await response.text()
+        body = await response.json()
+        pages.append([counter["key"] for counter in body["counters"]])
+        if body["next"] is None:
+            return pages
+        assert body["next"] == pages[-1][-1], "next is the plain last key of the page"
+        params["after"] = body["next"]
+
+
+class Explaining:
+    """A connection that explains each statement it fetches before running it."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.plans: list[str] = []
+
+    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        plan = await self.conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+        self.plans.append(plan)
+        return await self.conn.fetch(sql, *args, timeout=timeout)
+
+
+# --- the database and its plan ---------------------------------------------------------------
+
+
+async def test_the_database_default_collation_is_not_byte_order(pg: asyncpg.Connection) -> None:
+    # The premise of this module: the default collation sorts these two otherwise.
+    assert await pg.fetchval("SELECT 'B' < 'a'") is False
+    assert await pg.fetchval("""SELECT 'B' < 'a' COLLATE "C" """) is True
+
+
+async def test_the_index_is_in_byte_order_and_valid(database_url: str) -> None:
+    assert await _index_state(database_url) == (
+        'CREATE INDEX counters_key_c_idx ON public.counters USING btree (key COLLATE "C")',
+        True,
+    )
+
+
+async def _index_state(url: str) -> tuple[str, bool] | None:
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT pg_get_indexdef(i.indexrelid) AS definition, i.indisvalid AS valid"
+            " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.relname = 'counters_key_c_idx'"
+        )
+    finally:
+        await conn.close()
+    return None if row is None else (row["definition"], row["valid"])
+
+
+async def _leave_a_failed_build(url: str, before: str) -> None:
+    """What a CREATE INDEX CONCURRENTLY that failed half-way leaves: an INVALID index of the
+    name, and the schema's version still before 0007."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DROP INDEX counters_key_c_idx")
+        await conn.execute(
+            "INSERT INTO counters VALUES ('a', 1, now()), ('b', 1, now())"  # equal values
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute("CREATE UNIQUE INDEX CONCURRENTLY counters_key_c_idx ON counters (value)")
+        await conn.execute("UPDATE alembic_version SET version_num = $1", before)
+    finally:
+        await conn.close()
+
+
+def test_the_migration_rebuilds_an_index_a_failed_build_left_invalid(servers: Servers) -> None:
+    name = f"increment_reads_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(servers.postgres_url, f'CREATE DATABASE "{name}"'))
+    url = with_database(servers.postgres_url, name)
+    try:
+        migrate(url)
+        config = Config()
+        config.set_main_option("script_location", str(schema_dir()))
+        before = ScriptDirectory.from_config(config).get_revision("0007").down_revision
+        assert isinstance(before, str)
+        asyncio.run(_leave_a_failed_build(url, before))
+        state = asyncio.run(_index_state(url))
+        assert state is not None and state[1] is False, "the premise: an invalid index"
+        migrate(url)  # IF NOT EXISTS alone would keep the invalid one
+        assert asyncio.run(_index_state(url)) == (
+            'CREATE INDEX counters_key_c_idx ON public.counters USING btree (key COLLATE "C")',
+            True,
+        )
+    finally:
+        asyncio.run(_admin(servers.postgres_url, f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.mark.parametrize("generic", [False, True])
+async def test_a_page_is_a_range_scan_on_the_c_index(
+    clean: None, pg: asyncpg.Connection, generic: bool
+) -> None:
+    await store(pg, {f"k{n:05d}": n for n in range(2000)})
+    await pg.execute("ANALYZE counters")
+    # The table is small enough for a sequential scan to look cheaper; what matters is that
+    # the index can serve the range and the order, which the planner shows once it must.
+    await pg.execute("SET enable_seqscan = off")
+    # A prepared statement runs a generic plan after five executions (asyncpg prepares each
+    # statement): that one must range over the index too.
+    await pg.execute(f"SET plan_cache_mode = {'force_generic_plan' if generic else 'auto'}")
+    explaining = Explaining(pg)
+    page, following = await counters.page(explaining, "k01", "k0150", 10)  # type: ignore[arg-type]  # fetch is all page() uses
+    assert [c["key"] for c in page] == [f"k{n:05d}" for n in range(1500, 1510)]
+    assert following == "k01509"
+    (plan,) = explaining.plans
+    node = json.loads(plan)[0]["Plan"]
+    while node["Node Type"] == "Limit":
+        (node,) = node["Plans"]
+    assert node["Node Type"] in ("Index Scan", "Index Only Scan"), plan
+    assert node["Index Name"] == "counters_key_c_idx", plan
+    # Both ends of the range are index conditions (on the "C" index, whose collation they
+    # share), not a filter over everything after one end.
+    assert "> " in node["Index Cond"] and "< " in node["Index Cond"], plan
+    assert "Filter" not in node, plan
+    assert "Sort" not in plan, plan
+
+
+# --- a lookup of many keys -------------------------------------------------------------------
+
+
+async def test_a_lookup_answers_the_counters_found_and_names_the_missing(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {"apples": 5, "pears": -2, "p:100%": 7})
+    response = await lookup(client, headers, ["pears", "nope", "apples", "p:100%", "p:1000"])
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert [(c["key"], c["value"]) for c in body["counters"]] == [
+        ("pears", -2),
+        ("apples", 5),
+        ("p:100%", 7),
+    ]
+    assert all(set(c) == {"key", "value", "updatedAt"} for c in body["counters"])
+    assert body["missing"] == ["nope", "p:1000"]
+
+
+async def test_a_lookup_answers_a_repeated_key_once(client: Client, pg: asyncpg.Connection) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {"a": 1})
+    response = await lookup(client, headers, ["b", "a", "b", "a", "a"])
+    body = await response.json()
+    assert [c["key"] for c in body["counters"]] == ["a"]
+    assert body["missing"] == ["b"]
+
+
+async def test_a_lookup_of_a_thousand_long_keys_fits(client: Client, pg: asyncpg.Connection) -> None:
+    headers = await signed_in(base_url(client))
+    # 1000 keys of 256 four-byte characters: the largest lookup, just under 1 MiB unescaped.
+    keys = [f"{n:04d}" + "\U0001f600" * 252 for n in range(1000)]
+    await store(pg, {keys[0]: 1, keys[999]: 2})
+    raw = json.dumps({"keys": keys}, ensure_ascii=False).encode()
+    assert len(raw) <= MAX_LOOKUP_BODY_BYTES
+    response = await client.post(
+        "/api/counters/lookup", data=io.BytesIO(raw), headers={**headers, **JSON}
+    )
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert [c["key"] for c in body["counters"]] == [keys[0], keys[999]]
+    assert body["missing"] == keys[1:999]
+
+
+@pytest.mark.parametrize(
+    ("body", "pointers"),
+    [
+        ({"keys": []}, ["/keys"]),
+        ({"keys": ["k"] * 1001}, ["/keys"]),
+        ({"keys": "apples"}, ["/keys"]),
+        ({}, ["/keys"]),
+        ({"keys": ["a"], "more": 1}, ["/more"]),
+        ({"keys": ["a", 1, "", "k" * 257, "a\u0000", "b"]}, ["/keys/1", "/keys/2", "/keys/3", "/keys/4"]),
+        (["a"], [""]),
+    ],
+)
+async def test_a_bad_lookup_is_422_pointing_at_what_is_wrong(
+    client: Client, body: Any, pointers: list[str]
+) -> None:
+    headers = await signed_in(base_url(client))
+    response = await client.post("/api/counters/lookup", json=body, headers=headers)
+    await assert_problem(response, 422, pointers)
+
+
+async def test_a_lookup_body_over_one_mebibyte_is_413(client: Client) -> None:
+    headers = {**await signed_in(base_url(client)), **JSON}
+    too_big = b'{"keys": ["' + b"k" * MAX_LOOKUP_BODY_BYTES + b'"]}'
+    declared = await client.post(
+        "/api/counters/lookup", data=io.BytesIO(too_big), headers=headers
+    )
+    await assert_problem(declared, 413)
+
+    async def chunks() -> Any:  # no Content-Length: the body is cut off as it grows
+        for start in range(0, len(too_big), 65536):
+            yield too_big[start : start + 65536]
+
+    chunked = await client.post("/api/counters/lookup", data=chunks(), headers=headers)
+    await assert_problem(chunked, 413)
+
+
+async def test_reads_need_a_session(client: Client) -> None:
+    await assert_problem(await client.post("/api/counters/lookup", json={"keys": ["a"]}), 401)
+    await assert_problem(await client.get("/api/counters"), 401)
+
+
+async def test_a_malformed_lookup_is_400_and_a_wrong_type_415(client: Client) -> None:
+    headers = await signed_in(base_url(client))
+    malformed = await client.post(
+        "/api/counters/lookup", data=b'{"keys": [', headers={**headers, **JSON}
+    )
+    await assert_problem(malformed, 400)
+    text = await client.post("/api/counters/lookup", data=b"{}", headers=headers)
+    await assert_problem(text, 415)
+
+
+# --- the listing by prefix -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 3, 1000])
+async def test_paging_through_a_prefix_gives_every_key_once_in_byte_order(
+    client: Client, pg: asyncpg.Connection, limit: int
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {key: n for n, key in enumerate(AWKWARD)})
+    pages = await every_page(client, headers, "p:", limit)
+    keys = [key for page in pages for key in page]
+    expected = sorted(key for key in AWKWARD if key.startswith("p:"))
+    # Python orders str by code point, which is UTF-8's byte order.
+    assert keys == expected
+    assert sorted(keys, key=lambda k: k.encode()) == expected
+    assert all(0 < len(page) <= limit for page in pages)
+    assert len(pages) == -(-len(expected) // limit), "no empty last page"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("p:100%", ["p:100%", "p:100%sure"]),
+        ("p:a_", ["p:a_b"]),
+        ("p:a\\", ["p:a\\\\b", "p:a\\b"]),
+        ("p:a+", ["p:a+b"]),
+        ("p:a ", ["p:a b"]),
+        ("p:\u65e5", ["p:\u65e5\u672c"]),
+        ("p:\U0001f600", ["p:\U0001f600"]),
+        ("p:\U0010ffff", ["p:\U0010ffff"]),
+        ("p:\ud7ff", ["p:\ud7ff"]),
+        ("o\U0010ffff", ["o\U0010ffff"]),
+        ("p:e", ["p:e\u0301"]),
+        ("", sorted(AWKWARD)),
+        ("zzz", []),
+    ],
+)
+async def test_a_prefix_is_taken_literally(
+    client: Client, pg: asyncpg.Connection, prefix: str, expected: list[str]
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {key: n for n, key in enumerate(AWKWARD)})
+    response = await listing(client, headers, prefix=prefix, limit="1000")
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert [c["key"] for c in body["counters"]] == expected
+    assert body["next"] is None
+
+
+async def test_a_page_holds_a_hundred_unless_limit_says_otherwise(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    headers = await signed_in(base_url(client))
+    keys = [f"n{n:04d}" for n in range(1001)]
+    await store(pg, dict.fromkeys(keys, 1))
+    body = await (await listing(client, headers)).json()
+    assert [c["key"] for c in body["counters"]] == keys[:100]
+    assert body["next"] == keys[99]
+    most = await (await listing(client, headers, limit="1000")).json()
+    assert [c["key"] for c in most["counters"]] == keys[:1000]
+    assert most["next"] == keys[999]
+    last = await (await listing(client, headers, limit="1000", after=keys[999])).json()
+    assert [c["key"] for c in last["counters"]] == keys[1000:]
+    assert last["next"] is None
+
+
+async def test_after_is_exclusive_and_need_not_be_a_stored_key(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {"a1": 1, "a2": 2, "a3": 3, "b1": 4})
+
+    async def keys(**params: str) -> list[str]:
+        body = await (await listing(client, headers, **params)).json()
+        return [c["key"] for c in body["counters"]]
+
+    assert await keys(prefix="a", after="a1") == ["a2", "a3"]
+    assert await keys(prefix="a", after="a15") == ["a2", "a3"]  # between two keys
+    assert await keys(prefix="a", after="0") == ["a1", "a2", "a3"]  # before the prefix
+    assert await keys(prefix="a", after="a3") == []
+    assert await keys(prefix="a", after="b") == []  # past the prefix
+    assert await keys(prefix="a", after="") == ["a1", "a2", "a3"]  # empty: the first page
+
+
+async def test_a_key_written_between_pages_does_not_disturb_the_others(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {"k1": 1, "k3": 3, "k5": 5})
+    first = await (await listing(client, headers, limit="2")).json()
+    assert first["next"] == "k3"
+    await store(pg, {"k2": 2, "k4": 4})  # before and after the cursor
+    rest = await (await listing(client, headers, after=first["next"])).json()
+    assert [c["key"] for c in rest["counters"]] == ["k4", "k5"]
+
+
+@pytest.mark.parametrize(
+    ("query", "pointers"),
+    [
+        ("limit=0", ["/limit"]),
+        ("limit=1001", ["/limit"]),
+        ("limit=-1", ["/limit"]),
+        ("limit=%2B5", ["/limit"]),
+        ("limit=%205", ["/limit"]),
+        ("limit=1.0", ["/limit"]),
+        ("limit=ten", ["/limit"]),
+        ("limit=", ["/limit"]),
+        ("limit=99999999999999999999", ["/limit"]),
+        ("limit=1&limit=2", ["/limit"]),
+        ("prefix=a&prefix=b", ["/prefix"]),
+        ("after=a&after=b", ["/after"]),
+        ("prefix=" + "k" * 257, ["/prefix"]),
+        ("prefix=a%00", ["/prefix"]),
+        ("prefix=%0A", ["/prefix"]),
+        ("after=a%00", ["/after"]),
+        ("after=" + "k" * 257, ["/after"]),
+        ("cursor=x", ["/cursor"]),
+        ("limit=0&prefix=a%00&page=2", ["/limit", "/prefix", "/page"]),
+    ],
+)
+async def test_a_bad_query_is_422_pointing_at_each_parameter(
+    client: Client, query: str, pointers: list[str]
+) -> None:
+    headers = await signed_in(base_url(client))
+    response = await client.get(f"/api/counters?{query}", headers=headers)
+    await assert_problem(response, 422, pointers)
+
+
+async def test_a_plus_in_a_query_is_a_space_unless_escaped(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {"a+b": 1, "a b": 2})
+    plus = await (await client.get("/api/counters?prefix=a%2B", headers=headers)).json()
+    assert [c["key"] for c in plus["counters"]] == ["a+b"]
+    space = await (await client.get("/api/counters?prefix=a+", headers=headers)).json()
+    assert [c["key"] for c in space["counters"]] == ["a b"]
+
+
+async def test_a_counter_named_lookup_is_still_read_by_its_own_route(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {"lookup": 9})
+    response = await client.get("/api/counters/lookup", headers=headers)
+    assert (await response.json())["value"] == 9
