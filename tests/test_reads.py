@@ -132,10 +132,11 @@ class Explaining:
         self.conn = conn
         self.plans: list[str] = []
 
-    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Any]:
+    async def fetch(self, sql: str, *args: Any, **options: Any) -> list[Any]:
         plan = await self.conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
         self.plans.append(plan)
-        return await self.conn.fetch(sql, *args, timeout=timeout)
+        rows: list[Any] = await self.conn.fetch(sql, *args, **options)
+        return rows
 
 
 # --- the database and its plan ---------------------------------------------------------------
@@ -177,7 +178,9 @@ async def _leave_a_failed_build(url: str, before: str) -> None:
             "INSERT INTO counters VALUES ('a', 1, now()), ('b', 1, now())"  # equal values
         )
         with pytest.raises(asyncpg.UniqueViolationError):
-            await conn.execute("CREATE UNIQUE INDEX CONCURRENTLY counters_key_c_idx ON counters (value)")
+            await conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY counters_key_c_idx ON counters (value)"
+            )
         await conn.execute("UPDATE alembic_version SET version_num = $1", before)
     finally:
         await conn.close()
@@ -195,7 +198,8 @@ def test_the_migration_rebuilds_an_index_a_failed_build_left_invalid(servers: Se
         assert isinstance(before, str)
         asyncio.run(_leave_a_failed_build(url, before))
         state = asyncio.run(_index_state(url))
-        assert state is not None and state[1] is False, "the premise: an invalid index"
+        assert state is not None
+        assert state[1] is False, "the premise: an invalid index"
         migrate(url)  # IF NOT EXISTS alone would keep the invalid one
         assert asyncio.run(_index_state(url)) == (
             'CREATE INDEX counters_key_c_idx ON public.counters USING btree (key COLLATE "C")',
@@ -229,7 +233,8 @@ async def test_a_page_is_a_range_scan_on_the_c_index(
     assert node["Index Name"] == "counters_key_c_idx", plan
     # Both ends of the range are index conditions (on the "C" index, whose collation they
     # share), not a filter over everything after one end.
-    assert "> " in node["Index Cond"] and "< " in node["Index Cond"], plan
+    assert "> " in node["Index Cond"], plan
+    assert "< " in node["Index Cond"], plan
     assert "Filter" not in node, plan
     assert "Sort" not in plan, plan
 
@@ -263,7 +268,9 @@ async def test_a_lookup_answers_a_repeated_key_once(client: Client, pg: asyncpg.
     assert body["missing"] == ["b"]
 
 
-async def test_a_lookup_of_a_thousand_long_keys_fits(client: Client, pg: asyncpg.Connection) -> None:
+async def test_a_lookup_of_a_thousand_long_keys_fits(
+    client: Client, pg: asyncpg.Connection
+) -> None:
     headers = await signed_in(base_url(client))
     # 1000 keys of 256 four-byte characters: the largest lookup, just under 1 MiB unescaped.
     keys = [f"{n:04d}" + "\U0001f600" * 252 for n in range(1000)]
@@ -287,7 +294,10 @@ async def test_a_lookup_of_a_thousand_long_keys_fits(client: Client, pg: asyncpg
         ({"keys": "apples"}, ["/keys"]),
         ({}, ["/keys"]),
         ({"keys": ["a"], "more": 1}, ["/more"]),
-        ({"keys": ["a", 1, "", "k" * 257, "a\u0000", "b"]}, ["/keys/1", "/keys/2", "/keys/3", "/keys/4"]),
+        (
+            {"keys": ["a", 1, "", "k" * 257, "a\u0000", "b"]},
+            ["/keys/1", "/keys/2", "/keys/3", "/keys/4"],
+        ),
         (["a"], [""]),
     ],
 )
@@ -302,9 +312,7 @@ async def test_a_bad_lookup_is_422_pointing_at_what_is_wrong(
 async def test_a_lookup_body_over_one_mebibyte_is_413(client: Client) -> None:
     headers = {**await signed_in(base_url(client)), **JSON}
     too_big = b'{"keys": ["' + b"k" * MAX_LOOKUP_BODY_BYTES + b'"]}'
-    declared = await client.post(
-        "/api/counters/lookup", data=io.BytesIO(too_big), headers=headers
-    )
+    declared = await client.post("/api/counters/lookup", data=io.BytesIO(too_big), headers=headers)
     await assert_problem(declared, 413)
 
     async def chunks() -> Any:  # no Content-Length: the body is cut off as it grows

@@ -9,8 +9,6 @@ from typing import Any
 from . import db
 from .db import Connection
 
-_COLUMNS = "key, value, updated_at"
-
 
 def _counter(row: Any) -> dict[str, Any]:
     return {
@@ -22,21 +20,19 @@ def _counter(row: Any) -> dict[str, Any]:
 
 async def get(conn: Connection, key: str) -> dict[str, Any] | None:
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM counters WHERE key = $1",
+        "SELECT key, value, updated_at FROM counters WHERE key = $1",
         key,
         timeout=db.REQUEST_TIMEOUT_SECONDS,
     )
     return None if row is None else _counter(row)
 
 
-async def get_many(
-    conn: Connection, keys: Sequence[str]
-) -> tuple[list[dict[str, Any]], list[str]]:
+async def get_many(conn: Connection, keys: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """The counters of ``keys`` that exist and the keys that do not, each once, in the order
     of their first mention in ``keys``."""
     ordered = list(dict.fromkeys(keys))
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM counters WHERE key = ANY($1::text[])",
+        "SELECT key, value, updated_at FROM counters WHERE key = ANY($1::text[])",
         ordered,
         timeout=db.REQUEST_TIMEOUT_SECONDS,
     )
@@ -81,15 +77,13 @@ async def page(
     if end is not None:
         conditions.append(f'key COLLATE "C" < ${len(args) + 1}')
         args.append(end)
-    # One row past the page says whether another page follows: the last page says so itself,
-    # and never sends the client for an empty one.
-    # Four shapes of statement in all (asyncpg prepares each once per connection).
+    where = " AND ".join(conditions)
+    # Four shapes of statement in all (asyncpg prepares each once per connection). One row
+    # past the page says whether another follows: the last page says so itself, and never
+    # sends the client for an empty one.
+    sql = f'SELECT key, value, updated_at FROM counters WHERE {where} ORDER BY key COLLATE "C"'  # noqa: S608 -- fixed fragments; every value is a parameter
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM counters WHERE {' AND '.join(conditions)}"
-        f' ORDER BY key COLLATE "C" LIMIT ${len(args) + 1}',
-        *args,
-        limit + 1,
-        timeout=db.REQUEST_TIMEOUT_SECONDS,
+        f"{sql} LIMIT ${len(args) + 1}", *args, limit + 1, timeout=db.REQUEST_TIMEOUT_SECONDS
     )
     counters = [_counter(row) for row in rows[:limit]]
     more = len(rows) > limit
