@@ -17,12 +17,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from increment_service import counters
+from increment_service.client import IncrementClient, ReadFailed
 from increment_service.db import migrate, schema_dir
 from increment_service.validation.reads import MAX_LOOKUP_BODY_BYTES
 from tests.conftest import Servers, _admin
@@ -484,3 +486,38 @@ async def test_a_counter_named_lookup_is_still_read_by_its_own_route(
     await store(pg, {"lookup": 9})
     response = await client.get("/api/counters/lookup", headers=headers)
     assert (await response.json())["value"] == 9
+
+
+# --- the client library against the service --------------------------------------------------
+
+
+async def test_the_client_reads_what_the_service_holds(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    headers = await signed_in(base_url(client))
+    await store(pg, {key: n for n, key in enumerate(AWKWARD)})
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        IncrementClient(base_url(client), session=session) as reader,
+    ):
+        one = await reader.get("p:100%")
+        assert one is not None
+        assert (one.key, one.value) == ("p:100%", AWKWARD.index("p:100%"))
+        assert await reader.get("p:100") is None
+        found, missing = await reader.get_many(["p:a+b", "nope", "p:a\\b", "nope"])
+        assert {key: c.value for key, c in found.items()} == {
+            "p:a+b": AWKWARD.index("p:a+b"),
+            "p:a\\b": AWKWARD.index("p:a\\b"),
+        }
+        assert missing == ["nope"]
+        listed = [c.key async for c in reader.counters("p:a", page_size=2)]
+        assert listed == sorted(key for key in AWKWARD if key.startswith("p:a"))
+        everything = [c.key async for c in reader.counters(page_size=7)]
+        assert everything == sorted(AWKWARD)
+
+
+async def test_the_client_without_a_session_is_refused(client: Client) -> None:
+    async with IncrementClient(base_url(client)) as reader:
+        with pytest.raises(ReadFailed) as failed:
+            await reader.get("a")
+    assert failed.value.status == 401
