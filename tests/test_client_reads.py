@@ -120,7 +120,7 @@ async def test_counters_follows_next_to_its_null(serve: Serve) -> None:
         got = [counter async for counter in client.counters("p+", page_size=2)]
     assert got == [Counter("p+1", 1, WHEN), Counter("p+2", 2, WHEN), Counter("p+3", 3, WHEN)]
     first, second = scripted.seen
-    assert (first["method"], first["path"], first["body"]) == ("GET", "/api/counters", None)
+    assert (first["method"], first["path"], first["raw"]) == ("GET", "/api/counters", b"")
     assert first["query"] == [("prefix", "p+"), ("limit", "2")]
     assert second["query"] == [("prefix", "p+"), ("limit", "2"), ("after", "p+2")]
 
