@@ -39,7 +39,7 @@ from tests.support.postgres import with_database
 
 from bench import openloop
 from bench.config import BENCH_DIR, log
-from bench.driving import client_session, session_cookie
+from bench.driving import client_session, scrape, session_cookie
 from bench.servers import Server, start_server, wait_ready
 from increment_service.db import MIGRATION_LOCK_KEY, migrate, schema_dir, sqlalchemy_url
 
@@ -170,6 +170,29 @@ async def plans(url: str) -> dict[str, str]:
     return found
 
 
+def buckets(exposition: str, name: str, label: str) -> dict[str, float]:
+    """The cumulative buckets (le -> count, summed over series) of histogram ``name`` whose
+    labels hold ``label``."""
+    found: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith(name + "_bucket{") and label in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            found[le] = found.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+async def server_view(session: Any, url: str) -> dict[str, Any]:
+    """What the service itself measured: its handler time of the page route (from the
+    middleware: no queueing before it), and its flushes."""
+    text = await scrape(session, url) or ""
+    return {
+        "page_handler_buckets": buckets(
+            text, "http_request_duration_seconds", 'route="/api/counters"'
+        ),
+        "flush_duration_buckets": buckets(text, "increment_flush_duration_seconds", ""),
+    }
+
+
 async def drive(args: argparse.Namespace, server: Server, cookie: str) -> dict[str, Any]:
     reads = openloop.Plan(
         server.url,
@@ -244,6 +267,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             f" for {args.duration:g} s ({args.workers} workers)"
         )
         driven = await drive(args, server, cookie)
+        async with client_session() as session:
+            driven["server"] = await server_view(session, server.url)
     finally:
         server.stop()
     return {
