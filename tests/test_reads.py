@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,8 @@ import asyncpg
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from increment_service import counters
 from increment_service.client import IncrementClient, ReadFailed
@@ -521,3 +524,93 @@ async def test_the_client_without_a_session_is_refused(client: Client) -> None:
         with pytest.raises(ReadFailed) as failed:
             await reader.get("a")
     assert failed.value.status == 401
+
+
+# --- no input produces a 500 -----------------------------------------------------------------
+
+#: A login per client (hypothesis runs every example of a test on the same one); weak, so a
+#: later test's client can never find an earlier one's cookie.
+_SESSIONS: weakref.WeakKeyDictionary[Client, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+async def _session_of(client: Client) -> dict[str, str]:
+    if client not in _SESSIONS:
+        _SESSIONS[client] = await signed_in(base_url(client))
+    return _SESSIONS[client]
+
+
+_QUERY_VALUES = st.lists(
+    st.sampled_from(
+        [
+            "a",
+            "0",
+            "1",
+            "1000",
+            "1001",
+            "-",
+            "%",
+            "%25",
+            "%2B",
+            "+",
+            "_",
+            "\\",
+            "%00",
+            "%0A",
+            "%ED%A0%80",
+            "%FF",
+            "%F0%9F%98%80",
+            "=",
+            "k" * 200,
+            ".",
+        ]
+    ),
+    max_size=6,
+).map("".join)
+_QUERIES = st.lists(
+    st.tuples(st.sampled_from(["prefix", "after", "limit", "x", ""]), _QUERY_VALUES),
+    max_size=4,
+).map(lambda pairs: "&".join(f"{name}={value}" for name, value in pairs))
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(query=_QUERIES)
+async def test_no_query_produces_a_500(client: Client, query: str) -> None:
+    response = await client.get(f"/api/counters?{query}", headers=await _session_of(client))
+    assert response.status in (200, 422), await response.text()
+    if response.status == 422:
+        assert response.content_type == "application/problem+json"
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["keys", "k"]) | st.text(max_size=4), inner, max_size=3
+                )
+            ),
+            max_leaves=10,
+        ).map(lambda v: json.dumps(v).encode()),
+        st.lists(st.text(max_size=8), max_size=5).map(
+            lambda keys: json.dumps({"keys": keys}).encode()
+        ),
+    )
+)
+async def test_no_lookup_body_produces_a_500(client: Client, body: bytes) -> None:
+    headers = {**await _session_of(client), **JSON}
+    response = await client.post("/api/counters/lookup", data=body, headers=headers)
+    assert response.status in (200, 400, 422), await response.text()
+    if response.status != 200:
+        assert response.content_type == "application/problem+json"
