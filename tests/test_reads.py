@@ -11,6 +11,7 @@ database (this machine's default) a listing that forgot the collation would pass
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import uuid
@@ -25,15 +26,18 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pytest_aiohttp import AiohttpClient
 
 from increment_service import counters
+from increment_service.app import create_app
 from increment_service.client import IncrementClient, ReadFailed
 from increment_service.db import migrate, schema_dir
+from increment_service.settings import Settings
 from increment_service.validation.reads import MAX_LOOKUP_BODY_BYTES
 from tests.conftest import Servers, _admin
 from tests.support.api import signed_in
 from tests.support.inprocess import Client, base_url
-from tests.support.net import JSON
+from tests.support.net import JSON, free_port
 from tests.support.postgres import with_database
 from tests.support.problems import assert_problem
 
@@ -629,3 +633,17 @@ async def test_no_lookup_body_produces_a_500(client: Client, body: bytes) -> Non
     assert response.status in (200, 400, 422), await response.text()
     if response.status != 200:
         assert response.content_type == "application/problem+json"
+
+
+async def test_reads_while_postgres_is_down_are_503(
+    aiohttp_client: AiohttpClient, client: Client, settings: Settings
+) -> None:
+    headers = await signed_in(base_url(client))
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    down = await aiohttp_client(create_app(dataclasses.replace(settings, database_url=closed)))
+    for response in (
+        await down.post("/api/counters/lookup", json={"keys": ["a"]}, headers=headers),
+        await down.get("/api/counters", params={"prefix": "a"}, headers=headers),
+    ):
+        await assert_problem(response, 503)
+        assert response.headers["Retry-After"] == "1"
