@@ -92,6 +92,9 @@ class Plan:
     processes: int = 1
     warmup: float = 2.0
     timeout: float = 10.0  # a request unanswered this long after its scheduled time is lost
+    # The path (and query) of request n, when it varies (a picklable callable, as ``body``);
+    # ``path`` then only names the plan in its result.
+    target: Callable[[int], str] | None = None
 
 
 @dataclasses.dataclass
@@ -248,15 +251,18 @@ class _Generator:
         self.next = 0  # the next request to schedule
         self.finished = asyncio.get_running_loop().create_future()
 
-    def _head(self) -> str:
+    def _head(self, path: str | None = None) -> str:
         headers = {"Host": f"{self.host}:{self.port}", **self.plan.headers}
-        lines = [f"{self.plan.method} {self.plan.path} HTTP/1.1"]
+        lines = [f"{self.plan.method} {path or self.plan.path} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         return "\r\n".join(lines) + "\r\nContent-Length: "
 
     def request(self, n: int) -> bytes:
         body = self.plan.body(n)
-        return b"%s%d\r\n\r\n%s" % (self.head, len(body), body)
+        head = self.head
+        if self.plan.target is not None:
+            head = self._head(self.plan.target(n)).encode("latin-1")
+        return b"%s%d\r\n\r\n%s" % (head, len(body), body)
 
     async def connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

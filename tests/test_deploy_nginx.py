@@ -21,6 +21,9 @@ from typing import Any, ClassVar
 import crossplane  # type: ignore[import-untyped]  # PyPI crossplane (the test extra); no stubs
 import pytest
 
+from increment_service.validation.bodies import MAX_BODY_BYTES
+from increment_service.validation.increments import MAX_BATCH_BODY_BYTES
+from increment_service.validation.reads import MAX_LOOKUP_BODY_BYTES
 from tests.support.net import free_port, serving
 from tests.support.nginx import NGINX_COMPOSE, NginxProcess, nginx_binary, render_native_nginx
 
@@ -276,16 +279,18 @@ def test_native_nginx_answers_problem_json_when_no_replica_is_up(tmp_path: Path)
     assert {"type", "title", "detail"} <= set(problem)
 
 
-@pytest.mark.parametrize(
-    ("path", "limit"),
-    [
-        ("/increment", 4096),
-        ("/api/increment", 4096),
-        ("/api/users", 4096),
-        ("/increments", 128 * 1024),
-        ("/api/increments", 128 * 1024),
-    ],
-)
+#: Each route's body limit, as the service has it (validation/): nginx's must be the same.
+BODY_LIMITS = [
+    ("/increment", MAX_BODY_BYTES),
+    ("/api/increment", MAX_BODY_BYTES),
+    ("/api/users", MAX_BODY_BYTES),
+    ("/increments", MAX_BATCH_BODY_BYTES),
+    ("/api/increments", MAX_BATCH_BODY_BYTES),
+    ("/api/counters/lookup", MAX_LOOKUP_BODY_BYTES),
+]
+
+
+@pytest.mark.parametrize(("path", "limit"), BODY_LIMITS)
 def test_native_nginx_refuses_bodies_over_what_the_route_takes(
     tmp_path: Path, path: str, limit: int
 ) -> None:
@@ -307,3 +312,20 @@ def test_native_nginx_refuses_bodies_over_what_the_route_takes(
     assert status == 413
     assert content_type == "application/problem+json"
     assert json.loads(body)["status"] == 413
+
+
+@pytest.mark.parametrize(("path", "limit"), BODY_LIMITS)
+def test_native_nginx_passes_a_body_at_the_route_limit(
+    tmp_path: Path, path: str, limit: int
+) -> None:
+    # No replica is up: a body nginx passes on gets its 502, one it refuses a 413.
+    with _running_nginx(tmp_path, [free_port()]) as listen:
+        connection = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
+        try:
+            connection.request(
+                "POST", path, body=b" " * limit, headers={"Content-Type": "application/json"}
+            )
+            status = connection.getresponse().status
+        finally:
+            connection.close()
+    assert status == 502

@@ -239,6 +239,8 @@ ROUTES = [
     ("POST", "/increment"),
     ("POST", "/api/increment"),
     ("GET", "/api/counters/a"),
+    ("GET", "/api/counters"),
+    ("POST", "/api/counters/lookup"),
     ("POST", "/api/users"),
     ("POST", "/api/sessions"),
     ("GET", "/api/sessions"),

@@ -7,7 +7,7 @@ counters in the order the request's items first name them; their time is the rec
 change, safe while replicas of the previous version write the table (a rolling upgrade).
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-12-05
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0008"
-down_revision = "0005"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -18,7 +18,8 @@ from .redis_client import unavailable
 from .settings import Settings
 from .tracing import TRACER_NAME
 from .validation.increments import MAX_BATCH_BODY_BYTES
-from .views import accounts, increments, operations
+from .validation.reads import MAX_LOOKUP_BODY_BYTES
+from .views import accounts, increments, operations, reads
 from .views.guard import guarded
 
 
@@ -46,8 +47,8 @@ def create_app(settings: Settings) -> web.Application:
         AccessLog(settings.log_format, sample=settings.access_log) if log_requests else None
     )
     app = web.Application(
-        # The largest body of any route (a batch); each route checks its own limit.
-        client_max_size=MAX_BATCH_BODY_BYTES,
+        # The largest body of any route (a lookup); each route checks its own limit.
+        client_max_size=max(MAX_BATCH_BODY_BYTES, MAX_LOOKUP_BODY_BYTES),
         handler_args={
             # Never inflate a request body (see validation/bodies.refuse_content_coding).
             "auto_decompress": False,
@@ -78,6 +79,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/increments", open_batch)
     app.router.add_post("/api/increments", guarded(increments.increment_batch))
     app.router.add_get("/api/counters/{key:.+}", guarded(increments.get_counter))
+    app.router.add_get("/api/counters", guarded(reads.list_counters))
+    app.router.add_post("/api/counters/lookup", guarded(reads.lookup))
     app.router.add_post("/api/users", accounts.create_user)
     app.router.add_post("/api/sessions", with_session_middleware(accounts.login))
     app.router.add_get("/api/sessions", accounts.whoami)

@@ -16,7 +16,11 @@ backoff (exponential, full jitter) until a total deadline, and never sooner than
 ``Retry-After`` asks (delay-seconds or an HTTP-date). A ``Retry-After`` that ends past the
 deadline stops the retries at once: the client never sleeps past its deadline.
 
-Any other answer is final:
+Reads (``get``, ``get_many``, ``counters``: the persisted values, through the ``/api`` read
+routes, so with a ``session`` that is logged in) are retried the same way, having nothing to
+apply twice; an answer that is neither a 200 nor retried raises ``ReadFailed``.
+
+Any other answer to an increment is final:
 
 - a 2xx is success (``Result``);
 - a ``422`` of problem type ``...:idempotency-key-reused`` raises ``IdempotencyKeyReused``: the
@@ -43,6 +47,11 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+
+# Counter and ReadFailed are the reads' public names, here with the rest.
+from .client_reads import Counter as Counter
+from .client_reads import CounterReads
+from .client_reads import ReadFailed as ReadFailed
 
 #: Answers that say "not now": the request is retried with the same key.
 RETRIED_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -136,7 +145,7 @@ class IncrementFailed(IncrementError):
         self.problem = dict(problem or {})
 
 
-class IncrementClient:
+class IncrementClient(CounterReads):
     """Sends increments to one base URL (a load balancer, say), retrying safely.
 
     ``deadline`` (seconds, finite and above zero) bounds each operation, retries and waits
@@ -167,6 +176,7 @@ class IncrementClient:
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not secrets
         self._session = session
         self._own_session = session is None
+        self._reads_url = base_url.rstrip("/") + "/api/counters"  # whatever ``prefix`` is
 
     async def __aenter__(self) -> IncrementClient:
         return self
@@ -305,6 +315,64 @@ class IncrementClient:
                     if isinstance(c, dict) and "key" in c and "value" in c
                 }
         return Result(response.status, key, attempts, "durable" in applied, not_applied, counters)
+
+    async def _read(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """One read, retried as increments are, until a 200 (its JSON) or the deadline."""
+        # Unescaped UTF-8: 1000 keys of 256 characters fit the lookup's 1 MiB only so.
+        data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        give_up_at = time.monotonic() + self.deadline
+        attempts = 0
+        why = ""
+        last_status: int | None = None
+        while True:
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:
+                raise self._read_failed(why, attempts, last_status)
+            attempts += 1
+            timeout = aiohttp.ClientTimeout(total=min(self.attempt_timeout, remaining))
+            retry_after: float | None = None
+            try:
+                async with self.session.request(
+                    method,
+                    self._reads_url + path,
+                    data=data,
+                    params=params,
+                    headers=headers,
+                    timeout=timeout,
+                ) as response:
+                    payload = await response.read()
+                    status = response.status
+                    if status == 200:
+                        return _problem(payload)  # a JSON object, as a problem is
+                    if status not in RETRIED_STATUSES:
+                        problem = _problem(payload)
+                        raise ReadFailed(
+                            f"{status}: {problem.get('detail') or 'no detail'}",
+                            attempts,
+                            status=status,
+                            problem=problem,
+                        )
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+                    why, last_status = f"{status}", status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                why, last_status = type(exc).__name__, None
+            wait = self._backoff(attempts, retry_after)
+            if time.monotonic() + wait >= give_up_at:
+                raise self._read_failed(why, attempts, last_status)
+            await asyncio.sleep(wait)
+
+    def _read_failed(self, why: str, attempts: int, last_status: int | None) -> ReadFailed:
+        return ReadFailed(
+            f"no answer within {self.deadline:g} s (last: {why})", attempts, status=last_status
+        )
 
 
 def _final(status: int, problem: dict[str, Any], key: str, attempts: int) -> IncrementError:

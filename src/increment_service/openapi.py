@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__
+from . import __version__, openapi_reads
 from .emails import MAX_EMAIL_CHARS
 from .sessions import COOKIE_NAME
 from .validation.accounts import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
@@ -242,6 +242,7 @@ def document() -> dict[str, Any]:
                     "responses": {"200": {"description": "Prometheus text format"}},
                 }
             },
+            **openapi_reads.PATHS,
         },
         "components": {
             "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": COOKIE_NAME}},
@@ -345,6 +346,7 @@ def document() -> dict[str, Any]:
                         "updatedAt": {"type": "string", "format": "date-time"},
                     },
                 },
+                **openapi_reads.SCHEMAS,
                 "NewUser": {
                     "type": "object",
                     "additionalProperties": False,

@@ -20,6 +20,11 @@ counters = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     # Free space per page: every flush rewrites its rows, which then stay on their page and
     # skip the index (HOT updates). Migration 0002.
+    # Keys in byte order, whatever the database's collation: the listing by prefix ranges
+    # over it (counters.page). Migration 0007 builds it on (key COLLATE "C"); named here by
+    # its column alone, as Alembic reflects it (reflection drops an index column's
+    # collation), and tests/test_reads.py checks the collation itself.
+    sa.Index("counters_key_c_idx", "key"),
     postgresql_with={"fillfactor": 70},
 )
 

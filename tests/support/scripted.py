@@ -5,6 +5,7 @@ answered with the next step of a script (then 202), and what every attempt sent 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,6 +61,7 @@ class Scripted:
         self.seen: list[dict[str, Any]] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
         self.seen.append(
             {
                 "at": time.monotonic(),
@@ -67,7 +69,10 @@ class Scripted:
                 "key": request.headers.get("Idempotency-Key"),
                 "prefer": request.headers.get("Prefer"),
                 "content_type": request.content_type,
-                "body": await request.json(),
+                "body": json.loads(raw) if raw else None,
+                "raw": raw,
+                "method": request.method,
+                "query": list(request.query.items()),
             }
         )
         step = self.script.pop(0) if self.script else answer(202)
@@ -86,7 +91,8 @@ Serve = Callable[[list[Step]], Awaitable[tuple[str, Scripted]]]
 @asynccontextmanager
 async def serving() -> AsyncIterator[Serve]:
     """Start scripted servers on demand (on the /increment, /increments and /api/increment
-    routes); all are closed at the end."""
+    routes, and the reads': POST /api/counters/lookup, GET /api/counters); all are closed at
+    the end."""
     servers: list[TestServer] = []
 
     async def start(script: list[Step]) -> tuple[str, Scripted]:
@@ -95,6 +101,8 @@ async def serving() -> AsyncIterator[Serve]:
         app.router.add_post("/increment", scripted.handle)
         app.router.add_post("/increments", scripted.handle)
         app.router.add_post("/api/increment", scripted.handle)
+        app.router.add_post("/api/counters/lookup", scripted.handle)
+        app.router.add_get("/api/counters", scripted.handle)
         server = TestServer(app)
         await server.start_server()
         servers.append(server)

@@ -37,7 +37,7 @@ def is_value(value: object) -> TypeGuard[int]:
     return type(value) is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
 
 
-def _key_problem(key: Any) -> str | None:
+def key_problem(key: Any) -> str | None:
     """What is wrong with a key, in words (None: nothing)."""
     if not isinstance(key, str):
         return "must be a string"
@@ -70,7 +70,7 @@ def _check(data: dict[str, Any], errors: Errors, at: str = "") -> Increment:
     check_members(data, ("key", "value"), errors, at)
     key, value = "", 0
     if "key" in data:
-        problem = _key_problem(data["key"])
+        problem = key_problem(data["key"])
         if problem is None:
             key = data["key"]
         else:
