@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from hypothesis import HealthCheck, given, settings
@@ -31,7 +32,7 @@ from pytest_aiohttp import AiohttpClient
 from increment_service import counters
 from increment_service.app import create_app
 from increment_service.client import IncrementClient, ReadFailed
-from increment_service.db import migrate, schema_dir
+from increment_service.db import MIGRATION_LOCK_KEY, migrate, schema_dir, sqlalchemy_url
 from increment_service.settings import Settings
 from increment_service.validation.reads import MAX_LOOKUP_BODY_BYTES
 from tests.conftest import Servers, _admin
@@ -220,6 +221,10 @@ def test_the_migration_rebuilds_an_index_a_failed_build_left_invalid(servers: Se
         config.set_main_option("script_location", str(schema_dir()))
         before = ScriptDirectory.from_config(config).get_revision("0007").down_revision
         assert isinstance(before, str)
+        # The migrations after 0007 undone first, as they would not have run yet.
+        config.attributes["database_url"] = sqlalchemy_url(url)
+        config.attributes["lock_key"] = MIGRATION_LOCK_KEY
+        command.downgrade(config, "0007")
         asyncio.run(_leave_a_failed_build(url, before))
         state = asyncio.run(_index_state(url))
         assert state is not None
