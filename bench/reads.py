@@ -211,7 +211,9 @@ async def drive(args: argparse.Namespace, server: Server, cookie: str) -> dict[s
         "/increment",
         args.increment_rate,
         args.duration,
-        body=functools.partial(increment_of_a_stored_key, counters=args.counters),
+        body=functools.partial(
+            increment_of_a_stored_key, counters=args.increment_keys or args.counters
+        ),
         connections=64,
         processes=args.increment_processes,
         warmup=args.warmup,
@@ -280,6 +282,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "workers": args.workers,
+            "increment_keys": args.increment_keys or args.counters,
         },
         "prepared": prepared,
         "plans": explained,
@@ -303,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-rate", type=float, default=200)
     parser.add_argument("--increment-rate", type=float, default=5000)
     parser.add_argument("--increment-processes", type=int, default=1)
+    parser.add_argument(
+        "--increment-keys",
+        type=int,
+        default=0,
+        help="increment only the first N counters (0: all of them), so a flush rewrites fewer rows",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "reads.json")
     parser.add_argument("--quick", action="store_true", help="15 s, for a smoke run")

@@ -290,3 +290,11 @@ class MaxRandom(random.Random):
 
     def uniform(self, a: float, b: float) -> float:
         return b
+
+
+@pytest.mark.parametrize(
+    ("base", "reads"),
+    [("http://h//", "http://h/api/counters"), ("http://X/", "http://X/api/counters")],
+)
+def test_the_reads_url(base: str, reads: str) -> None:
+    assert IncrementClient(base, prefix="/api")._reads_url == reads

@@ -31,3 +31,16 @@ def request(
     payload.feed_data(body)
     payload.feed_eof()
     return make_mocked_request("POST", "/", headers=fields, payload=payload)
+
+
+def streaming(
+    headers: list[tuple[str, str]] | None = None,
+) -> tuple[web.Request, streams.StreamReader]:
+    """A POST without Content-Length (as if chunked) whose body the test feeds as it likes
+    (``feed_data``, ``feed_eof``) while the request is read."""
+    fields: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+    for name, value in headers or []:
+        fields.add(name, value)
+    protocol = mock.Mock(_reading_paused=False)
+    payload = streams.StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())
+    return make_mocked_request("POST", "/", headers=fields, payload=payload), payload

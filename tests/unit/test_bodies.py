@@ -3,6 +3,7 @@ content codings, strict JSON, and the JSON pointer of every member problem."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -25,7 +26,7 @@ from increment_service.validation.bodies import (
     refuse_content_coding,
     require_object,
 )
-from tests.unit.requests import request
+from tests.unit.requests import request, streaming
 
 
 def padded(size: int) -> bytes:
@@ -61,6 +62,39 @@ async def test_a_route_sets_its_own_limit() -> None:
         await read_json(request(padded(100)), max_bytes=99)
     with pytest.raises(PayloadTooLarge, match="at most 99 bytes"):
         await read_json(request(padded(100), length=False), max_bytes=99)
+
+
+async def test_a_chunked_body_is_read_as_it_comes() -> None:
+    request, payload = streaming()
+
+    async def feed() -> None:
+        body = padded(MAX_BODY_BYTES)
+        for start in range(0, len(body), 1000):  # five chunks, the last one short
+            payload.feed_data(body[start : start + 1000])
+            await asyncio.sleep(0)
+        payload.feed_eof()
+
+    feeder = asyncio.create_task(feed())
+    assert await asyncio.wait_for(read_json(request), 5) == {"key": "k", "value": 1}
+    await feeder
+
+
+async def test_a_chunked_body_is_refused_as_soon_as_it_grows_past_the_limit() -> None:
+    request, payload = streaming()
+
+    async def feed() -> None:
+        for _ in range(3):
+            payload.feed_data(b" " * 2048)
+            await asyncio.sleep(0)
+
+    feeder = asyncio.create_task(feed())
+    # No end ever comes: only a read that stops at the limit can answer (not one that waits
+    # for the whole body, as the app's client_max_size would let it).
+    with pytest.raises(PayloadTooLarge) as refused:
+        await asyncio.wait_for(read_json(request), 5)
+    assert refused.value.detail == "the body may be at most 4096 bytes"
+    await feeder
+    assert not payload.at_eof()
 
 
 async def test_a_declared_length_past_the_limit_is_refused_before_reading() -> None:

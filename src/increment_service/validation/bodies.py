@@ -98,11 +98,21 @@ async def read_json(request: web.Request, max_bytes: int = MAX_BODY_BYTES) -> An
     length = request.content_length
     if length is not None and length > max_bytes:
         raise PayloadTooLarge(f"the body may be at most {max_bytes} bytes")
-    # client_max_size (the batch limit) stops a chunked body that grows past any route's.
-    body = await request.read()
-    if len(body) > max_bytes:
-        raise PayloadTooLarge(f"the body may be at most {max_bytes} bytes")
+    # With a Content-Length (within the limit) aiohttp reads exactly that many bytes.
+    body = await (request.read() if length is not None else _read_growing(request, max_bytes))
     return parse_json(body)
+
+
+async def _read_growing(request: web.Request, max_bytes: int) -> bytes:
+    """A body without a Content-Length (chunked), refused as soon as it grows past this
+    route's limit: ``request.read()`` would take it up to the app's client_max_size, the
+    largest route's (a lookup's 1 MiB), before a 4 KiB route could refuse it."""
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"the body may be at most {max_bytes} bytes")
+    return bytes(body)
 
 
 def refuse_content_coding(request: web.Request) -> None:
