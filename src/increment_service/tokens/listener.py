@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 #: says nothing otherwise).
 PING_SECONDS = 5.0
 _MAX_BACKOFF_SECONDS = 5.0
+#: How the listener's connection is named in pg_stat_activity.
+APPLICATION_NAME = "increment-service token revocations"
 
 
 class RevocationListener:
@@ -46,7 +48,11 @@ class RevocationListener:
         while not self.closing:
             conn: asyncpg.Connection[Any] | None = None
             try:
-                conn = await asyncpg.connect(self.database_url, timeout=5)
+                conn = await asyncpg.connect(
+                    self.database_url,
+                    timeout=5,
+                    server_settings={"application_name": APPLICATION_NAME},
+                )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, lost=lost: lost.set())
                 await conn.add_listener(REVOKED_CHANNEL, self._notified)

@@ -145,11 +145,9 @@ class TokenVerifier:
         return found
 
     def _accept_stale(self, key: bytes, grant: Grant) -> Grant:
-        """Postgres cannot say: a token verified before is accepted (and looked up again in
-        the background, for when Postgres is back)."""
+        """Postgres cannot say: a token verified before is accepted. (Once the outage's
+        window has passed, the next request of the token tries Postgres again.)"""
         self._stale.inc()
-        if key not in self._inflight:
-            self._enqueue(key, known=True)
         self.used[grant.token_id] = self.wall()
         return grant
 
@@ -212,12 +210,15 @@ class TokenVerifier:
             async with self.pool.acquire(timeout=LOOKUP_TIMEOUT_SECONDS) as conn:
                 found = await store.grants(conn, batch, LOOKUP_TIMEOUT_SECONDS)
         except OUTAGE_ERRORS as exc:
+            if not self._outage_until:  # said once per outage, not once per lookup
+                log.warning(
+                    "token lookups failing: tokens verified before are accepted from the"
+                    " cache, unknown ones answered 503",
+                    extra={"event": "token-lookup", "error": f"{type(exc).__name__}: {exc}"},
+                )
             self._outage_until = self.clock() + OUTAGE_SECONDS
-            log.warning(
-                "token lookup failed",
-                extra={"event": "token-lookup", "error": f"{type(exc).__name__}: {exc}"},
-            )
-            self._fail(batch)
+            # What waits would meet the same outage: answered now (stale grants, or 503).
+            self._fail([*batch, *self._known, *self._unknown])
             return
         except BaseException:
             self._fail(batch)
