@@ -127,16 +127,19 @@ class IncrementClient:
     """Sends increments to one base URL (a load balancer, say), retrying safely.
 
     ``deadline`` (seconds, finite and above zero) bounds each operation, retries and waits
-    included. ``prefix="/api"`` uses the session routes (``/api/increment``,
-    ``/api/increments``): give a ``session`` whose cookie jar holds the login's cookie. Without
-    a ``session`` the client makes one and closes it on exit.
+    included. ``token`` (an API token with the ``increment`` scope) is sent as
+    ``Authorization: Bearer`` and makes the default ``prefix`` ``"/api"``: the routes whose
+    Idempotency-Keys are the token's user's own. ``prefix="/api"`` without a token uses the
+    session routes: give a ``session`` whose cookie jar holds the login's cookie. Without a
+    ``session`` the client makes one and closes it on exit.
     """
 
     def __init__(
         self,
         base_url: str,
         *,
-        prefix: str = "",
+        token: str | None = None,
+        prefix: str | None = None,
         session: aiohttp.ClientSession | None = None,
         deadline: float = 30.0,
         attempt_timeout: float = 10.0,
@@ -146,7 +149,10 @@ class IncrementClient:
     ) -> None:
         if not (math.isfinite(deadline) and deadline > 0):
             raise ValueError(f"deadline must be finite and above 0 seconds, not {deadline!r}")
+        if prefix is None:
+            prefix = "" if token is None else "/api"
         self.url = base_url.rstrip("/") + prefix
+        self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
         self.first_backoff = first_backoff
@@ -205,7 +211,7 @@ class IncrementClient:
         self, path: str, body: Mapping[str, Any], durable: bool, idempotency_key: str | None
     ) -> Result:
         key = idempotency_key or uuid.uuid4().hex
-        headers = {"Idempotency-Key": key}
+        headers = {**self._auth, "Idempotency-Key": key}
         if durable:
             headers["Prefer"] = "durable"
         give_up_at = time.monotonic() + self.deadline

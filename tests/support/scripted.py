@@ -66,6 +66,7 @@ class Scripted:
                 "path": request.path,
                 "key": request.headers.get("Idempotency-Key"),
                 "prefer": request.headers.get("Prefer"),
+                "authorization": request.headers.get("Authorization"),
                 "content_type": request.content_type,
                 "body": await request.json(),
             }
@@ -85,8 +86,8 @@ Serve = Callable[[list[Step]], Awaitable[tuple[str, Scripted]]]
 
 @asynccontextmanager
 async def serving() -> AsyncIterator[Serve]:
-    """Start scripted servers on demand (on the /increment, /increments and /api/increment
-    routes); all are closed at the end."""
+    """Start scripted servers on demand (on the /increment, /increments, /api/increment and
+    /api/increments routes); all are closed at the end."""
     servers: list[TestServer] = []
 
     async def start(script: list[Step]) -> tuple[str, Scripted]:
@@ -95,6 +96,7 @@ async def serving() -> AsyncIterator[Serve]:
         app.router.add_post("/increment", scripted.handle)
         app.router.add_post("/increments", scripted.handle)
         app.router.add_post("/api/increment", scripted.handle)
+        app.router.add_post("/api/increments", scripted.handle)
         server = TestServer(app)
         await server.start_server()
         servers.append(server)
