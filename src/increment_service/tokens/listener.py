@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 #: says nothing otherwise).
 PING_SECONDS = 5.0
 _MAX_BACKOFF_SECONDS = 5.0
+#: What ends a connection: an outage, or an error Postgres sent (terminated, say).
+_LOST: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, asyncpg.PostgresError)
 #: How the listener's connection is named in pg_stat_activity.
 APPLICATION_NAME = "increment-service token revocations"
 
@@ -36,9 +38,9 @@ class RevocationListener:
         self.connections = 0
         self._task: asyncio.Task[None] | None = None
 
-    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+    def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
         try:
-            key = bytes.fromhex(payload)
+            key = bytes.fromhex(str(payload))
         except ValueError:
             return  # not ours
         self.verifier.evict(key)
@@ -67,7 +69,7 @@ class RevocationListener:
                         await asyncio.wait_for(lost.wait(), PING_SECONDS)
                     if not conn.is_closed():
                         await conn.execute("SELECT 1", timeout=PING_SECONDS)
-            except (*OUTAGE_ERRORS, asyncpg.PostgresError) as exc:
+            except _LOST as exc:
                 if connected:
                     log.warning(
                         "token revocations: connection lost; retrying",
