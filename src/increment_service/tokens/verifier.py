@@ -105,15 +105,15 @@ class TokenVerifier:
         entry = self._cache.get(key)
         now = self.clock()
         if entry is not None:
-            grant = entry.grant
-            if grant.expires_at is not None and self.wall() >= grant.expires_at:
+            grant, wall = entry.grant, self.wall()
+            if grant.expires_at is not None and wall >= grant.expires_at:
                 raise self.refuse("expired", EXPIRED)
             if now < entry.fresh_until:
                 self._hit.inc()
                 if now >= entry.refresh_after and key not in self._inflight:
                     self._refresh.inc()
                     self._enqueue(key, known=True)
-                self.used[grant.token_id] = self.wall()
+                self.used[grant.token_id] = wall
                 return grant
             if now < self._outage_until:
                 return self._accept_stale(key, grant)
