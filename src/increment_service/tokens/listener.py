@@ -34,8 +34,10 @@ class RevocationListener:
         self.database_url = database_url
         self.verifier = verifier
         self.closing = False
-        #: How many times the listener has been connected (the tests wait on it).
+        #: How many times the listener has been connected, and its backend's pid (the tests
+        #: wait on the one and terminate the other).
         self.connections = 0
+        self.backend_pid: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
@@ -61,6 +63,7 @@ class RevocationListener:
                 # Listening now: what was revoked before is found by looking up again.
                 self.verifier.expire_all()
                 self.connections += 1
+                self.backend_pid = conn.get_server_pid()
                 if not connected:
                     log.info("token revocations: listening again", extra={"event": "postgres"})
                 connected, delay = True, 0.1
