@@ -180,7 +180,8 @@ def markdown(result: dict[str, Any]) -> str:
     exact = {n: sum(bool(r[n]["exact"]) for r in rounds) for n in SIDES}
     lines = [
         f"`{result['service']}` at {result['commit']}; {len(rounds)} paired rounds of"
-        f" {result['seconds']} s, wrk -t1 -c{result['c']} per side.",
+        f" {result['seconds']} s, wrk -t1 -c{result['c']} per side"
+        + (" (A/A baseline: a cookie on both sides)." if result["baseline"] else "."),
         "",
         "| token / cookie | req/s | p50 | p99 | CPU per request |",
         "| --- | --- | --- | --- | --- |",
@@ -215,8 +216,10 @@ async def run(args: argparse.Namespace) -> int:
         async with client_session() as session:
             await asyncio.gather(*(wait_ready(s, session) for s in servers.values()))
         cookie, _ = await credentials(servers["cookie"].url)
-        _, token = await credentials(servers["token"].url)
+        other_cookie, token = await credentials(servers["token"].url)
         auth = {"cookie": f"cookie={cookie}", "token": f"authorization=Bearer {token}"}
+        if args.baseline:  # A/A: both sides with a cookie, to see the noise of the ratios
+            auth["token"] = f"cookie={other_cookie}"
         pools = {
             s.name: await asyncpg.create_pool(s.database_url, min_size=1, max_size=2) for s in sides
         }
@@ -244,6 +247,7 @@ async def run(args: argparse.Namespace) -> int:
         "commit": sides[0].commit,
         "seconds": args.seconds,
         "c": args.c,
+        "baseline": args.baseline,
         "flood_c": args.flood_c,
         "rounds": rounds,
         "ratios": {k: summary([r["ratios"][k] for r in rounds]) for k in RATIOS},
@@ -265,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="wrk seconds, discarded")
     parser.add_argument("-c", type=int, default=32, help="wrk connections per service")
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="A/A: the token side sends a session cookie too (the ratios' noise floor)",
+    )
     parser.add_argument("--flood-seconds", type=int, default=10)
     parser.add_argument("--flood-c", type=int, default=32, help="wrk connections of the flood")
     parser.add_argument("--flood-tokens", type=int, default=200_000)
