@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import uuid
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from increment_service import appkeys
@@ -310,3 +313,45 @@ async def test_increment_auth_guards_the_open_routes(
         assert (await api.post(path, json=body, headers=bearer(reader))).status == 403
         with_cookie = await api.post(path, json=body, headers=cookie)
         assert with_cookie.status == (202 if auth == "session" else 401)
+
+
+@pytest.fixture
+async def person(api: Client) -> dict[str, str]:
+    """A session's Cookie header (one sign-up per test, shared by its examples)."""
+    return (await signed_up(api))[1]
+
+
+_HEADER_TEXT = st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"),
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    authorization=st.one_of(_HEADER_TEXT, _HEADER_TEXT.map(lambda text: "Bearer " + text)),
+    body=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["name", "scopes", "expiresInSeconds", "x"]), inner, max_size=4
+            )
+        ),
+        max_leaves=8,
+    ),
+)
+async def test_no_token_input_produces_a_500(
+    api: Client, person: dict[str, str], authorization: str, body: Any
+) -> None:
+    guarded = await api.get("/api/counters/k", headers={"Authorization": authorization})
+    assert guarded.status in (400, 401, 404), await guarded.text()
+    if guarded.status == 401:
+        assert guarded.headers["WWW-Authenticate"].startswith(CHALLENGE)
+    data = json.dumps(body).encode()
+    headers = {**person, "Content-Type": "application/json"}
+    made_ = await api.post("/api/tokens", data=data, headers=headers)
+    # 409: the examples' valid bodies could reach the cap.
+    assert made_.status in (201, 400, 409, 422), await made_.text()
