@@ -150,6 +150,7 @@ def get(path: str = "/", authorization: str | None = None) -> Any:
         ("BEARER abc", "abc"),
         ("Bearer   abc  ", "abc"),
         ("Bearer a-._~+/Z9==", "a-._~+/Z9=="),
+        ("Bearer XabcX", "XabcX"),
     ],
 )
 def test_the_bearer_token_of_a_request(authorization: str | None, token: str | None) -> None:
@@ -157,7 +158,8 @@ def test_the_bearer_token_of_a_request(authorization: str | None, token: str | N
 
 
 @pytest.mark.parametrize(
-    "authorization", ["Bearer", "Bearer ", "Bearer a b", "Bearer =abc", "Bearer a=b", "Bearer é"]
+    "authorization",
+    ["Bearer", "Bearer ", "Bearer a b", "Bearer =abc", "Bearer a=b", "Bearer é", "Bearer \tabc"],
 )
 def test_a_bearer_without_a_well_shaped_token_is_an_invalid_token(authorization: str) -> None:
     with pytest.raises(InvalidToken) as refused:
