@@ -10,6 +10,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -269,3 +270,18 @@ async def test_two_users_tokens_have_idempotency_scopes_of_their_own(
     assert replay.status == 202
     assert await client.app[appkeys.WRITE_BEHIND].flush()
     assert await persisted(database_url) == {"shared": 2}
+
+
+async def test_tokens_do_not_depend_on_redis(
+    replicas: list[Client], aiohttp_client: AiohttpClient, settings: Settings, tmp_path: Path
+) -> None:
+    a, _ = replicas
+    _, cookie = await signed_up(a)
+    token = (await made(a, cookie))["token"]
+    # Another replica whose Redis is a socket nobody listens on.
+    no_redis = dataclasses.replace(settings, redis_url=f"unix://{tmp_path}/no-redis.sock")
+    down = await aiohttp_client(create_app(no_redis), cookie_jar=aiohttp.DummyCookieJar())
+    assert await status(down, token) == 202
+    assert (await down.get("/api/counters/none", headers=bearer(token))).status == 404
+    with_cookie = await down.post("/api/increment", json=INCREMENT, headers=cookie)
+    assert with_cookie.status == 503, "a session needs Redis; a token does not"
