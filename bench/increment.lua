@@ -4,7 +4,8 @@
 --       keys=1000 prefix=run1-svc path=/increment main_seconds=4 cookie='AIOHTTP_SESSION=...'
 --
 -- Script args (after --, name=value): keys (default 1000), prefix (default "bench"), path
--- (default /increment), cookie (a Cookie header value, optional), main_seconds (optional).
+-- (default /increment), cookie (a Cookie header value, optional), authorization (an
+-- Authorization header value, optional: "Bearer isvc_..."), main_seconds (optional).
 --
 -- Correctness accounting: wrk stops at the end of -d with requests still in flight, which the
 -- server may apply although wrk never sees their 202. So after main_seconds every thread sends
@@ -66,6 +67,9 @@ function init(args)
   main_until = main_seconds > 0 and now() + main_seconds or math.huge
   if opts.cookie and opts.cookie ~= "" then
     headers["Cookie"] = opts.cookie
+  end
+  if opts.authorization and opts.authorization ~= "" then
+    headers["Authorization"] = opts.authorization
   end
   math.randomseed(os.time() * 100 + (tid or 0))
 end

@@ -100,8 +100,8 @@ async def clean(database_url: str, redis_url: str) -> None:
     """Empty tables and Redis before a test."""
     await _admin(
         database_url,
-        "TRUNCATE counters, users, applied_batches, idempotency_keys, batch_rejections,"
-        " request_rejections",
+        "TRUNCATE counters, api_tokens, users, applied_batches, idempotency_keys,"
+        " batch_rejections, request_rejections",
     )
     client = redis.asyncio.Redis.from_url(redis_url)
     try:

@@ -176,3 +176,36 @@ async def test_preference_applied_is_a_list(serve: Serve) -> None:
     async with quick(url) as client:
         told = [(await client.increment("a", 1, durable=True)).durable for _ in range(3)]
     assert told == [True, True, False]
+
+
+async def test_a_token_goes_as_a_bearer_to_the_api_routes_on_every_attempt(serve: Serve) -> None:
+    url, scripted = await serve([answer(503, {"Retry-After": "0"})])
+    async with quick(url, token="isvc_secret") as client:
+        retried = await client.increment("a", 1)
+        await client.increments([("a", 1)])
+    assert [seen["path"] for seen in scripted.seen] == [
+        "/api/increment",
+        "/api/increment",
+        "/api/increments",
+    ]
+    assert [seen["authorization"] for seen in scripted.seen] == ["Bearer isvc_secret"] * 3
+    assert retried.attempts == 2
+    assert scripted.seen[0]["key"] == scripted.seen[1]["key"] == retried.idempotency_key
+    async with quick(url, token="isvc_secret", prefix="") as client:
+        await client.increment("a", 1)
+    assert (scripted.seen[-1]["path"], scripted.seen[-1]["authorization"]) == (
+        "/increment",
+        "Bearer isvc_secret",
+    )
+    async with quick(url) as client:
+        await client.increment("a", 1)
+    assert (scripted.seen[-1]["path"], scripted.seen[-1]["authorization"]) == ("/increment", None)
+
+
+async def test_a_refused_token_is_a_definite_no(serve: Serve) -> None:
+    url, scripted = await serve([answer(401, {"WWW-Authenticate": 'Bearer error="invalid_token"'})])
+    async with quick(url, token="isvc_revoked") as client:
+        with pytest.raises(IncrementRejected) as refused:
+            await client.increment("a", 1)
+    assert (refused.value.status, refused.value.attempts) == (401, 1)
+    assert len(scripted.seen) == 1

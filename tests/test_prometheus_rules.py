@@ -58,6 +58,10 @@ COUNTERS = {
     "increment_idempotent_replays_total",
     "increment_idempotency_conflicts_total",
     "increment_durable_requests_total",
+    "increment_token_checks_total",
+    "increment_token_refusals_total",
+    "increment_token_lookups_total",
+    "increment_token_lookup_tokens_total",
 }
 GAUGES = {
     "http_requests_in_flight",

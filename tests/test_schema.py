@@ -242,3 +242,32 @@ def test_replicas_older_than_0003_still_create_users_during_a_rolling_update(
     )
     assert asyncio.run(_insert_as_an_old_replica(scratch_url, "OLD@example.com")) == "duplicate"
     assert emails.email_key("Old@Example.com") == "old@example.com", "the key new replicas use"
+
+
+def test_api_tokens_are_unique_by_digest_and_go_with_their_user(scratch_url: str) -> None:
+    migrate(scratch_url)
+
+    async def check() -> None:
+        conn = await asyncpg.connect(scratch_url)
+        try:
+            user = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO users (id, email, email_key, password_hash)"
+                " VALUES ($1, 'a', 'a', 'x')",
+                user,
+            )
+            insert = (
+                "INSERT INTO api_tokens (id, user_id, name, scopes, token_sha256)"
+                " VALUES ($1, $2, 'n', '{read}', $3)"
+            )
+            await conn.execute(insert, uuid.uuid4(), user, b"d" * 32)
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.execute(insert, uuid.uuid4(), user, b"d" * 32)
+            with pytest.raises(asyncpg.ForeignKeyViolationError):
+                await conn.execute(insert, uuid.uuid4(), uuid.uuid4(), b"e" * 32)
+            await conn.execute("DELETE FROM users WHERE id = $1", user)
+            assert await conn.fetchval("SELECT count(*) FROM api_tokens") == 0
+        finally:
+            await conn.close()
+
+    asyncio.run(check())

@@ -166,3 +166,8 @@ def test_migrate_command_applies_the_schema(
     monkeypatch.setenv("DATABASE_URL", database_url)
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # migrate never needs Redis
     assert main(["migrate"]) == 0
+
+
+@pytest.mark.parametrize("value", ["none", "session", "token", "Token"])
+def test_increment_auth_takes_none_session_or_token(value: str) -> None:
+    assert Settings.from_env({"INCREMENT_AUTH": value}).increment_auth == value.lower()

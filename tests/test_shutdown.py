@@ -162,7 +162,9 @@ async def test_sigterm_with_postgres_hung_exits_within_the_budget_one_worker(
                     return await persisted(database_url) == {"d0": 1, "w0": 1}
 
                 await eventually(flushed, "the warm-up is persisted")
-                assert len(await other_backends(database_url)) >= 3  # 2 of the service's
+                assert (
+                    len(await other_backends(database_url, pooled=True)) >= 3
+                )  # 2 of the service's
 
                 proxy.hanging = True
                 # d1: its group goes out on one live connection and is never answered.
@@ -260,7 +262,7 @@ async def test_sigterm_with_postgres_hung_exits_within_the_budget(
                     )
                     assert status == 202
                     warm["warm"] = warm.get("warm", 0) + 1
-                    return len(await other_backends(database_url)) >= workers
+                    return len(await other_backends(database_url, pooled=True)) >= workers
 
                 await eventually(every_worker_has_flushed, "every worker flushed", every=0.25)
 

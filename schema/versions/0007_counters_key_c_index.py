@@ -20,7 +20,7 @@ Only the key is indexed, nothing INCLUDEd: a flush rewrites ``value`` and ``upda
 its rows, and an index holding either would make every such update non-HOT (migration 0002).
 
 Revision ID: 0007
-Revises: 0005 (the merge re-points it after 0006)
+Revises: 0006
 Create Date: 2026-12-05
 """
 
@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

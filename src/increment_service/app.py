@@ -19,7 +19,7 @@ from .settings import Settings
 from .tracing import TRACER_NAME
 from .validation.increments import MAX_BATCH_BODY_BYTES
 from .validation.reads import MAX_LOOKUP_BODY_BYTES
-from .views import accounts, increments, operations, reads
+from .views import accounts, increments, operations, reads, tokens
 from .views.guard import guarded
 
 
@@ -72,15 +72,21 @@ def create_app(settings: Settings) -> web.Application:
     sessions.silence_session_key_warning()
     open_increment: Handler = increments.increment
     open_batch: Handler = increments.increment_batch
-    if settings.increment_auth == "session":
-        open_increment, open_batch = guarded(open_increment), guarded(open_batch)
+    if settings.increment_auth != "none":
+        # session: a session or a token, as /api; token: a token only.
+        session = settings.increment_auth == "session"
+        open_increment = guarded(open_increment, scope="increment", session=session)
+        open_batch = guarded(open_batch, scope="increment", session=session)
     app.router.add_post("/increment", open_increment)
-    app.router.add_post("/api/increment", guarded(increments.increment))
+    app.router.add_post("/api/increment", guarded(increments.increment, scope="increment"))
     app.router.add_post("/increments", open_batch)
-    app.router.add_post("/api/increments", guarded(increments.increment_batch))
-    app.router.add_get("/api/counters/{key:.+}", guarded(increments.get_counter))
-    app.router.add_get("/api/counters", guarded(reads.list_counters))
-    app.router.add_post("/api/counters/lookup", guarded(reads.lookup))
+    app.router.add_post("/api/increments", guarded(increments.increment_batch, scope="increment"))
+    app.router.add_get("/api/counters/{key:.+}", guarded(increments.get_counter, scope="read"))
+    app.router.add_get("/api/counters", guarded(reads.list_counters, scope="read"))
+    app.router.add_post("/api/counters/lookup", guarded(reads.lookup, scope="read"))
+    app.router.add_post("/api/tokens", tokens.create_token)
+    app.router.add_get("/api/tokens", tokens.list_tokens)
+    app.router.add_delete("/api/tokens/{id}", tokens.revoke_token)
     app.router.add_post("/api/users", accounts.create_user)
     app.router.add_post("/api/sessions", with_session_middleware(accounts.login))
     app.router.add_get("/api/sessions", accounts.whoami)

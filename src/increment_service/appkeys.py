@@ -15,6 +15,7 @@ from .metrics import Metrics
 from .sessions import SessionInfo, SessionStore
 from .settings import Settings
 from .shutdown import Deadline
+from .tokens import Tokens
 from .users import Passwords
 from .writebehind import WriteBehind
 
@@ -28,6 +29,7 @@ REDIS = web.AppKey("redis", redis.asyncio.Redis)
 WRITE_BEHIND = web.AppKey("write_behind", WriteBehind)
 SESSIONS = web.AppKey("sessions", SessionStore)
 PASSWORDS = web.AppKey("passwords", Passwords)
+TOKENS = web.AppKey("tokens", Tokens)
 #: Only set when tracing is on (OTEL_EXPORTER_OTLP_ENDPOINT).
 TRACER_PROVIDER: web.AppKey[TracerProvider] = web.AppKey("tracer_provider")
 #: Only set when requests are logged (ACCESS_LOG, and LOG_LEVEL at INFO or below).
@@ -43,5 +45,7 @@ SHUTDOWN = web.AppKey("shutdown", Deadline)
 #: each flush runs alone.
 FLUSH_OFFSET = web.AppKey("flush_offset", float)
 
-#: Set by the session guard on the requests it let through: whose session it is.
+#: Set by the guard on the requests it let through with a session: whose session it is.
 SESSION = web.RequestKey("session", SessionInfo)
+#: Set by the guard on every request it let through (a session's or a token's): the user.
+USER_ID = web.RequestKey("user_id", str)

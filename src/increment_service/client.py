@@ -149,16 +149,19 @@ class IncrementClient(CounterReads):
     """Sends increments to one base URL (a load balancer, say), retrying safely.
 
     ``deadline`` (seconds, finite and above zero) bounds each operation, retries and waits
-    included. ``prefix="/api"`` uses the session routes (``/api/increment``,
-    ``/api/increments``): give a ``session`` whose cookie jar holds the login's cookie. Without
-    a ``session`` the client makes one and closes it on exit.
+    included. ``token`` (an API token with the ``increment`` scope) is sent as
+    ``Authorization: Bearer`` and makes the default ``prefix`` ``"/api"``: the routes whose
+    Idempotency-Keys are the token's user's own. ``prefix="/api"`` without a token uses the
+    session routes: give a ``session`` whose cookie jar holds the login's cookie. Without a
+    ``session`` the client makes one and closes it on exit.
     """
 
     def __init__(
         self,
         base_url: str,
         *,
-        prefix: str = "",
+        token: str | None = None,
+        prefix: str | None = None,
         session: aiohttp.ClientSession | None = None,
         deadline: float = 30.0,
         attempt_timeout: float = 10.0,
@@ -168,7 +171,10 @@ class IncrementClient(CounterReads):
     ) -> None:
         if not (math.isfinite(deadline) and deadline > 0):
             raise ValueError(f"deadline must be finite and above 0 seconds, not {deadline!r}")
+        if prefix is None:
+            prefix = "" if token is None else "/api"
         self.url = base_url.rstrip("/") + prefix
+        self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
         self.first_backoff = first_backoff
@@ -236,7 +242,7 @@ class IncrementClient(CounterReads):
         idempotency_key: str | None,
     ) -> Result:
         key = idempotency_key or uuid.uuid4().hex
-        headers = {"Idempotency-Key": key}
+        headers = {**self._auth, "Idempotency-Key": key}
         if return_value:
             headers["Prefer"] = "durable, return=representation"
         elif durable:
@@ -327,7 +333,9 @@ class IncrementClient(CounterReads):
         """One read, retried as increments are, until a 200 (its JSON) or the deadline."""
         # Unescaped UTF-8: 1000 keys of 256 characters fit the lookup's 1 MiB only so.
         data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
-        headers = {} if body is None else {"Content-Type": "application/json"}
+        headers = dict(self._auth)  # a token with the read scope
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         give_up_at = time.monotonic() + self.deadline
         attempts = 0
         why = ""

@@ -47,8 +47,73 @@ class InvalidIdempotencyKey(ProblemError):
     status, slug, title = 400, "invalid-idempotency-key", "Invalid Idempotency-Key"
 
 
+#: The realm of every challenge (RFC 6750 section 3).
+REALM = "increment-service"
+#: The challenge of a request without credentials: no error code (RFC 6750 section 3.1).
+BEARER_CHALLENGE = f'Bearer realm="{REALM}"'
+
+
+def bearer_challenge(error: str, description: str, scope: str | None = None) -> str:
+    """A ``WWW-Authenticate`` challenge with an RFC 6750 error code (no quote or backslash in
+    the description: it is ours)."""
+    challenge = f'{BEARER_CHALLENGE}, error="{error}", error_description="{description}"'
+    return challenge if scope is None else f'{challenge}, scope="{scope}"'
+
+
 class Unauthorized(ProblemError):
+    """Every 401 of the service carries a challenge (RFC 9110 section 15.5.2)."""
+
     status, slug, title = 401, "unauthorized", "Unauthorized"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail, headers=headers)
+        self.headers.setdefault("WWW-Authenticate", BEARER_CHALLENGE)
+
+
+class InvalidToken(Unauthorized):
+    """A bearer token that is malformed, unknown, expired or revoked."""
+
+    slug, title = "invalid-token", "Invalid Token"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            detail, headers={"WWW-Authenticate": bearer_challenge("invalid_token", detail)}
+        )
+
+
+class Forbidden(ProblemError):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class InsufficientScope(Forbidden):
+    """A valid token without the scope the route needs."""
+
+    slug, title = "insufficient-scope", "Insufficient Scope"
+
+    def __init__(self, scope: str) -> None:
+        detail = f"this route needs a token with the scope {scope}"
+        super().__init__(
+            detail,
+            headers={"WWW-Authenticate": bearer_challenge("insufficient_scope", detail, scope)},
+        )
+
+
+class TokenNotAllowed(Forbidden):
+    """Tokens are made, listed and revoked by a person, with a session: never by a token."""
+
+    slug, title = "token-not-allowed", "Token Not Allowed"
+
+
+class TokenInQuery(ProblemError):
+    """A token in the URL ends up in logs and histories: refused, never looked at."""
+
+    status, slug, title = 400, "token-in-query", "Token In Query"
+
+    def __init__(self) -> None:
+        detail = "send the token in the Authorization header (Bearer), never in the URL"
+        super().__init__(
+            detail, headers={"WWW-Authenticate": bearer_challenge("invalid_request", detail)}
+        )
 
 
 class NotFound(ProblemError):
@@ -57,6 +122,12 @@ class NotFound(ProblemError):
 
 class Conflict(ProblemError):
     status, slug, title = 409, "conflict", "Conflict"
+
+
+class TooManyTokens(Conflict):
+    """The user holds the most live tokens a user may hold."""
+
+    slug, title = "too-many-tokens", "Too Many Tokens"
 
 
 class PayloadTooLarge(ProblemError):

@@ -12,10 +12,13 @@ the reverse order. So the order is the design:
 4. ``sessions``: the session store and its revocation listener; it needs the Redis client, and
    stops before it closes.
 5. ``passwords``: the thread pool bcrypt runs on, off the event loop.
-6. ``write_behind``: after Postgres and Redis, so that its final flush runs while both are
+6. ``tokens``: the token check, its revocation listener (a Postgres connection of its own)
+   and the writer of ``lastUsedAt``; after Postgres, and it closes before the pool does (its
+   last usage write needs it).
+7. ``write_behind``: after Postgres and Redis, so that its final flush runs while both are
    open; requests have drained when it closes, so nothing is added behind the final flush. It
    gets what is left of the shutdown budget, less what the closes after it keep.
-7. ``sampler``: last in, first out: once requests have drained, it publishes the final numbers
+8. ``sampler``: last in, first out: once requests have drained, it publishes the final numbers
    and the last access log lines.
 
 Shutdown has one budget: ``app[SHUTDOWN]``, a deadline fixed at SIGTERM (by the command; by
@@ -50,11 +53,13 @@ from .appkeys import (
     SESSIONS,
     SETTINGS,
     SHUTDOWN,
+    TOKENS,
     TRACER_PROVIDER,
     WRITE_BEHIND,
 )
 from .sessions import SessionStore
 from .shutdown import Deadline
+from .tokens import Tokens
 from .tracing import TRACER_NAME
 from .users import Passwords
 from .writebehind import WriteBehind
@@ -74,7 +79,7 @@ def register(app: web.Application) -> None:
     app[SHUTDOWN] = Deadline(app[SETTINGS].shutdown_timeout_seconds)  # the command's replaces it
     if TRACER_PROVIDER in app:
         app.cleanup_ctx.append(tracing)
-    app.cleanup_ctx.extend([postgres, redis, sessions, passwords, write_behind, sampler])
+    app.cleanup_ctx.extend([postgres, redis, sessions, passwords, tokens, write_behind, sampler])
     app.on_shutdown.append(draining)
 
 
@@ -146,6 +151,16 @@ async def passwords(app: web.Application) -> AsyncIterator[None]:
     app[PASSWORDS] = hasher
     yield
     hasher.close()
+
+
+async def tokens(app: web.Application) -> AsyncIterator[None]:
+    database_url = app[SETTINGS].database_url
+    assert database_url is not None  # create_app refuses settings without one
+    service = Tokens(app[PG_POOL], database_url, app[METRICS])
+    app[TOKENS] = service
+    service.start()
+    yield
+    await service.close(within=app[SETTINGS].shutdown_close_seconds / 2)
 
 
 async def write_behind(app: web.Application) -> AsyncIterator[None]:

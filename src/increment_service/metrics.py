@@ -77,6 +77,27 @@ class Metrics:
             "Session lookups answered by the local cache (hit) or by Redis (miss).",
             ["result"],
         )
+        self.token_checks = LocalCounter(
+            "increment_token_checks",
+            "Bearer token checks: answered by the local cache (hit; refresh: a hit that also"
+            " looks the token up again in the background), by a lookup (miss), or from the"
+            " cache while Postgres is unreachable (stale).",
+            ["result"],
+        )
+        self.token_refusals = LocalCounter(
+            "increment_token_refusals",
+            "Bearer tokens refused, by reason: malformed, unknown (or revoked), expired, scope"
+            " (403), query (a token in the URL), unavailable and busy (503).",
+            ["reason"],
+        )
+        self.token_lookups = LocalCounter(
+            "increment_token_lookups",
+            "Token lookup statements sent to Postgres (each looks up a batch of tokens).",
+        )
+        self.token_lookup_tokens = LocalCounter(
+            "increment_token_lookup_tokens",
+            "Tokens looked up in Postgres (summed over the lookup statements).",
+        )
         self.idempotent_replays = LocalCounter(
             "increment_idempotent_replays",
             "Keyed requests found applied already, so not applied again: answered as a replay"
@@ -120,6 +141,10 @@ class Metrics:
             self.logins,
             self.signups,
             self.session_cache,
+            self.token_checks,
+            self.token_refusals,
+            self.token_lookups,
+            self.token_lookup_tokens,
         )
         r.register(LocalCollector(self.local))
         # -- set by background tasks, through prometheus_client --
@@ -197,6 +222,10 @@ class Metrics:
             self.signups.labels(outcome)
         for result in ("hit", "miss", "refresh"):
             self.session_cache.labels(result)
+        for result in ("hit", "miss", "refresh", "stale"):
+            self.token_checks.labels(result)
+        for reason in ("malformed", "unknown", "expired", "scope", "unavailable", "busy", "query"):
+            self.token_refusals.labels(reason)
         for outcome in ("committed", "replay", "conflict", "not-sent", "unknown"):
             self.durable_requests.labels(outcome)
         for stage in ("request", "flush"):

@@ -6,6 +6,7 @@ from typing import Any
 
 from . import __version__, openapi_reads
 from .emails import MAX_EMAIL_CHARS
+from .openapi_tokens import add_tokens
 from .sessions import COOKIE_NAME
 from .validation.accounts import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
 from .validation.bodies import MAX_BODY_BYTES
@@ -132,6 +133,11 @@ _HEALTH = {
 
 
 def document() -> dict[str, Any]:
+    """The document; openapi_tokens.py adds the tokens' routes and schemes."""
+    return add_tokens(_document())
+
+
+def _document() -> dict[str, Any]:
     session: list[dict[str, list[str]]] = [{"session": []}]
     return {
         "openapi": "3.1.0",

@@ -61,8 +61,8 @@ class Settings:
             ),
             (
                 "INCREMENT_AUTH",
-                self.increment_auth in ("none", "session"),
-                "must be none or session",
+                self.increment_auth in ("none", "session", "token"),
+                "must be none, session or token",
             ),
             ("MAX_PENDING_KEYS", self.max_pending_keys >= 1, "must be at least 1"),
             ("SESSION_MAX_AGE_SECONDS", self.session_max_age_seconds >= 1, "must be at least 1"),

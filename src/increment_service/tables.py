@@ -45,6 +45,30 @@ users = sa.Table(
     sa.Index("users_email_key_key", "email_key", unique=True),
 )
 
+#: API tokens (migration 0006): only the SHA-256 of each token is stored (tokens/).
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column(
+        "user_id",
+        UUID(as_uuid=True),
+        sa.ForeignKey("users.id", ondelete="CASCADE", name="api_tokens_user_id_fkey"),
+        nullable=False,
+    ),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("scopes", sa.ARRAY(sa.Text), nullable=False),
+    sa.Column("token_sha256", sa.LargeBinary, nullable=False),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    # Written in batches (tokens/usage.py), not per request.
+    sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("api_tokens_token_sha256_key", "token_sha256", unique=True),
+    sa.Index("api_tokens_user_id_idx", "user_id"),
+)
+
 applied_batches = sa.Table(
     "applied_batches",
     metadata,

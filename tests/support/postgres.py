@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from increment_service.tokens.listener import APPLICATION_NAME as LISTENER
+
 
 def with_database(url: str, name: str) -> str:
     """``url`` pointing at database ``name`` (works for TCP and unix-socket URLs)."""
@@ -54,14 +56,18 @@ async def wait_until_persisted(
         await asyncio.sleep(0.2)
 
 
-async def other_backends(database_url: str) -> list[int]:
+async def other_backends(database_url: str, *, pooled: bool = False) -> list[int]:
     """Pids of the client backends connected to the database of ``database_url``, except the
-    connection that asks."""
+    connection that asks; ``pooled``: only the services' pools' (not their token revocation
+    listeners')."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
             " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            " AND (NOT $1 OR application_name IS DISTINCT FROM $2)",
+            pooled,
+            LISTENER,
         )
     finally:
         await conn.close()
@@ -120,6 +126,8 @@ def unix_or_tcp(database_url: str) -> tuple[str | None, str | None, int]:
 
 #: Postgres's ReadyForQuery message with transaction status idle (protocol 3).
 _READY_IDLE = b"Z\x00\x00\x00\x05I"
+#: The startup message's parameter of the token revocation listener.
+_LISTENER_STARTUP = b"application_name\x00" + LISTENER.encode() + b"\x00"
 
 
 class CuttingProxy:
@@ -134,6 +142,10 @@ class CuttingProxy:
     (an answer already on its way from before the hang still arrives).
     ``swallowed`` counts the bytes read meanwhile, ``stalled`` the connections opened before
     the hang that have sent something since (a statement sent and never answered).
+
+    The service's token revocation listener (its connection names its application in the
+    startup message) is forwarded as it is, armed or hanging: its pings are not what these
+    tests watch. ``refusing`` refuses it too.
     """
 
     def __init__(self, database_url: str) -> None:
@@ -179,17 +191,22 @@ class CuttingProxy:
         sent_while_armed = asyncio.Event()
 
         stalled = False
+        # Told by the startup message (after an SSLRequest, if any): the first packets.
+        listener, packets = False, 0
 
         async def client_to_server() -> None:
-            nonlocal stalled
+            nonlocal stalled, listener, packets
             while data := await reader.read(65536):
-                if self.hanging:
+                if packets < 2:
+                    packets += 1
+                    listener = listener or _LISTENER_STARTUP in data
+                if self.hanging and not listener:
                     self.swallowed += len(data)
                     if not stalled:
                         stalled = True
                         self.stalled += 1
                     continue
-                if self.armed:
+                if self.armed and not listener:
                     sent_while_armed.set()
                 up_writer.write(data)
                 await up_writer.drain()

@@ -68,6 +68,7 @@ class Scripted:
                 "path": request.path,
                 "key": request.headers.get("Idempotency-Key"),
                 "prefer": request.headers.get("Prefer"),
+                "authorization": request.headers.get("Authorization"),
                 "content_type": request.content_type,
                 "body": json.loads(raw) if raw else None,
                 "raw": raw,
@@ -90,9 +91,9 @@ Serve = Callable[[list[Step]], Awaitable[tuple[str, Scripted]]]
 
 @asynccontextmanager
 async def serving() -> AsyncIterator[Serve]:
-    """Start scripted servers on demand (on the /increment, /increments and /api/increment
-    routes, and the reads': POST /api/counters/lookup, GET /api/counters); all are closed at
-    the end."""
+    """Start scripted servers on demand (on the /increment, /increments, /api/increment and
+    /api/increments routes, and the reads': POST /api/counters/lookup, GET /api/counters); all
+    are closed at the end."""
     servers: list[TestServer] = []
 
     async def start(script: list[Step]) -> tuple[str, Scripted]:
@@ -101,6 +102,7 @@ async def serving() -> AsyncIterator[Serve]:
         app.router.add_post("/increment", scripted.handle)
         app.router.add_post("/increments", scripted.handle)
         app.router.add_post("/api/increment", scripted.handle)
+        app.router.add_post("/api/increments", scripted.handle)
         app.router.add_post("/api/counters/lookup", scripted.handle)
         app.router.add_get("/api/counters", scripted.handle)
         server = TestServer(app)

@@ -78,3 +78,55 @@ def test_a_batch_as_the_document_has_it(items: int, ok: bool) -> None:
 def test_a_new_user_as_the_document_has_it(length: int, ok: bool) -> None:
     email = "a" * (length - len("@example.com")) + "@example.com"
     assert valid("NewUser", {"email": email, "password": "p" * 8}) is ok
+
+
+def test_every_route_that_takes_a_token_names_both_schemes_and_every_401_a_challenge() -> None:
+    schemes = DOCUMENT["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    scopes = {}
+    for path, operations in DOCUMENT["paths"].items():
+        for method, operation in operations.items():
+            security = operation.get("security", [])
+            bearer = [s["bearer"] for s in security if "bearer" in s]
+            if bearer:
+                assert {"session": []} in security, (method, path)
+                assert "403" in operation["responses"], (method, path)
+                scopes[(method, path)] = bearer[0]
+            if "401" in operation["responses"]:
+                assert operation["responses"]["401"] == {
+                    "$ref": "#/components/responses/Unauthorized"
+                }, (method, path)
+    assert scopes == {
+        ("post", "/increment"): ["increment"],
+        ("post", "/increments"): ["increment"],
+        ("post", "/api/increment"): ["increment"],
+        ("post", "/api/increments"): ["increment"],
+        ("get", "/api/counters/{key}"): ["read"],
+        ("get", "/api/counters"): ["read"],
+        ("post", "/api/counters/lookup"): ["read"],
+    }
+    unauthorized = DOCUMENT["components"]["responses"]["Unauthorized"]
+    assert unauthorized["headers"]["WWW-Authenticate"]["required"] is True
+    # Building the document twice gives the same document (nothing shared is changed).
+    assert document() == DOCUMENT
+
+
+@pytest.mark.parametrize(
+    ("instance", "ok"),
+    [
+        ({"name": "n", "scopes": ["read"]}, True),
+        ({"name": "n" * 100, "scopes": ["read", "increment"], "expiresInSeconds": 60}, True),
+        ({"name": "n", "scopes": ["read"], "expiresInSeconds": None}, True),
+        ({"name": "n", "scopes": ["read"], "expiresInSeconds": 31_536_000}, True),
+        ({"name": "n" * 101, "scopes": ["read"]}, False),
+        ({"name": "", "scopes": ["read"]}, False),
+        ({"name": "n", "scopes": []}, False),
+        ({"name": "n", "scopes": ["read", "read"]}, False),
+        ({"name": "n", "scopes": ["write"]}, False),
+        ({"name": "n", "scopes": ["read"], "expiresInSeconds": 59}, False),
+        ({"name": "n", "scopes": ["read"], "expiresInSeconds": 31_536_001}, False),
+        ({"name": "n", "scopes": ["read"], "x": 1}, False),
+    ],
+)
+def test_a_new_token_as_the_document_has_it(instance: Any, ok: bool) -> None:
+    assert valid("NewToken", instance) is ok

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from .. import counters, db
-from ..appkeys import PG_POOL, SESSION, WRITE_BEHIND
+from ..appkeys import PG_POOL, USER_ID, WRITE_BEHIND
 from ..errors import NotFound
 from ..validation.headers import prefers_durable, prefers_representation, read_idempotency_key
 from ..validation.increments import is_key, read_increment, read_increments
@@ -45,12 +45,12 @@ async def _accept(
     kind: str,
     items: Sequence[tuple[str, int]],
 ) -> web.Response:
-    session = request.get(SESSION)
     accepted = await request.app[WRITE_BEHIND].accept(
         items,
         kind=kind,
         idempotency_key=idempotency_key,
-        user_id=None if session is None else session.user_id,
+        # A session's and a token's requests share their user's scope (accept.scope_of).
+        user_id=request.get(USER_ID),
         durable=prefers_durable(request),
         representation=prefers_representation(request),
     )
