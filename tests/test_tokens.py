@@ -355,3 +355,46 @@ async def test_no_token_input_produces_a_500(
     made_ = await api.post("/api/tokens", data=data, headers=headers)
     # 409: the examples' valid bodies could reach the cap.
     assert made_.status in (201, 400, 409, 422), await made_.text()
+
+
+async def test_every_read_takes_a_read_token_and_refuses_an_increment_one(
+    api: Client, pg: asyncpg.Connection
+) -> None:
+    """The lookup and the listing, like the one-counter read: a `read` token reads (counters
+    are global: any user's token reads every counter), an `increment` token is 403."""
+    await pg.execute(
+        "INSERT INTO counters VALUES ('fruit:apple', 3, now()), ('fruit:pear', 4, now())"
+    )
+    _, cookie = await signed_up(api)
+    reader = (await made(api, cookie, ["read"]))["token"]
+    writer = (await made(api, cookie, ["increment"]))["token"]
+    lookup = {"keys": ["fruit:apple", "nothing"]}
+    found = await api.post("/api/counters/lookup", json=lookup, headers=bearer(reader))
+    assert found.status == 200
+    body = await found.json()
+    assert [(c["key"], c["value"]) for c in body["counters"]] == [("fruit:apple", 3)]
+    assert body["missing"] == ["nothing"]
+    page = await api.get("/api/counters?prefix=fruit:", headers=bearer(reader))
+    assert page.status == 200
+    assert [c["key"] for c in (await page.json())["counters"]] == ["fruit:apple", "fruit:pear"]
+    for refused in (
+        await api.post("/api/counters/lookup", json=lookup, headers=bearer(writer)),
+        await api.get("/api/counters?prefix=fruit:", headers=bearer(writer)),
+    ):
+        await assert_problem(refused, 403)
+        assert error_of(refused) == "insufficient_scope"
+    for nothing in (
+        await api.post("/api/counters/lookup", json=lookup),
+        await api.get("/api/counters?prefix=fruit:"),
+    ):
+        await assert_problem(nothing, 401)
+        assert nothing.headers["WWW-Authenticate"] == CHALLENGE
+
+
+async def test_a_token_reads_its_own_writes(api: Client) -> None:
+    _, cookie = await signed_up(api)
+    writer = (await made(api, cookie, ["increment"]))["token"]
+    headers = {**bearer(writer), "Prefer": "durable, return=representation"}
+    answer = await api.post("/api/increment", json={"key": "mine", "value": 2}, headers=headers)
+    assert answer.status == 200
+    assert [(c["key"], c["value"]) for c in (await answer.json())["counters"]] == [("mine", 2)]

@@ -23,8 +23,15 @@ log = logging.getLogger(__name__)
 #: says nothing otherwise).
 PING_SECONDS = 5.0
 _MAX_BACKOFF_SECONDS = 5.0
-#: What ends a connection: an outage, or an error Postgres sent (terminated, say).
-_LOST: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, asyncpg.PostgresError)
+#: What ends a connection: an outage, or an error Postgres sent (terminated, say); also
+#: asyncpg's own client errors (a connection terminated under an operation in progress can
+#: leave its protocol in a state the next one refuses): the listener reconnects after any.
+_LOST: tuple[type[BaseException], ...] = (
+    *OUTAGE_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
 #: How the listener's connection is named in pg_stat_activity.
 APPLICATION_NAME = "increment-service token revocations"
 
@@ -95,5 +102,6 @@ class RevocationListener:
         self.closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Whatever its connection was doing ends here; nothing of it outlives the close.
+            with contextlib.suppress(asyncio.CancelledError, *_LOST):
                 await self._task
