@@ -50,7 +50,7 @@ def test_a_lookup_has_no_other_member() -> None:
 def test_the_lookup_route_states_its_body_limit() -> None:
     post = DOCUMENT["paths"]["/api/counters/lookup"]["post"]
     assert post["requestBody"]["description"] == f"at most {MAX_LOOKUP_BODY_BYTES} bytes"
-    assert set(post["responses"]) == {"200", "400", "401", "413", "415", "422", "503"}
+    assert set(post["responses"]) == {"200", "400", "401", "403", "413", "415", "422", "503"}
 
 
 def test_the_listing_states_its_parameters() -> None:
