@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,7 +50,9 @@ def closed_postgres() -> str:
 
 
 def closed_redis() -> str:
-    return f"redis://127.0.0.1:{free_port()}/0"
+    """A Redis nobody serves: a socket in a directory that does not exist (a free TCP port
+    could be taken by the time the replica connects)."""
+    return f"unix://{tempfile.gettempdir()}/no-redis-{uuid.uuid4().hex}/redis.sock?db=0"
 
 
 async def session_cookie(client: Client) -> dict[str, str]:
